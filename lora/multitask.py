@@ -1,0 +1,366 @@
+"""One base model, many task adapters: a lazy adapter registry, exact weight swapping, and generation.
+
+Applying a task rebuilds each weight it targets from a pristine copy, W = W0 + s * B @ A, in one
+fused addmm. Nothing is ever subtracted, so any sequence of switches leaves bitwise the weights a
+single switch would: returning to the base restores W0 exactly, in any dtype. The cost is one extra
+copy of every weight some task has touched (kept on the model's device), and a switch touches only
+the layers the old or the new task targets.
+"""
+import contextlib
+import itertools
+import json
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+
+from .checkpoint import ModuleAdapter, check_compatible, read_adapter
+from .data import check_prompt_format, encode_prompt, format_prompt, pad_token_id
+from .errors import LoraError
+from .layers import add_mixed_updates, weight_is_transposed
+from .models import load_model
+
+DEFAULT_PROMPT_FORMAT = "{instruction}\n\n{input}"
+GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
+REQUEST_KEYS = ("downstream", "instruction", "input", "prompt", "prompt_format")
+_tokens = itertools.count()
+
+
+def read_mapper(mapper):
+    """{task: checkpoint dir} from a JSON file (paths relative to it), a dict, or a folder of checkpoints."""
+    if mapper is None:
+        return {}
+    if isinstance(mapper, dict):
+        return {str(k): os.fspath(v) for k, v in mapper.items()}
+    mapper = os.fspath(mapper)
+    if os.path.isdir(mapper):
+        return {e.name: e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
+                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))}
+    try:
+        with open(mapper, encoding="utf-8") as f:
+            entries = json.load(f)
+    except OSError as e:
+        raise LoraError(f"cannot read checkpoint mapper {mapper}: {e.strerror}") from None
+    except ValueError as e:
+        raise LoraError(f"checkpoint mapper {mapper} is not valid JSON ({e})") from None
+    if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+        raise LoraError(f"checkpoint mapper {mapper} must be a JSON object {{task name: checkpoint directory}}")
+    root = os.path.dirname(os.path.abspath(mapper))
+    return {k: os.path.normpath(os.path.join(root, v)) for k, v in entries.items()}
+
+
+class MultiTaskModel:
+    """A Hugging Face causal LM plus a registry of LoRA task adapters, switched by exact weight rebuilds.
+
+    model: a loaded model (then pass tokenizer) or a name/path for `lora.load_model` ("smollm2-135m").
+    mapper: {task: checkpoint} JSON file, dict, or folder of checkpoints. Adapters load lazily into an
+    LRU cache of at most `cache_bytes` on the model's device (plus `host_cache_bytes` in CPU memory
+    for models on an accelerator).
+    """
+
+    def __init__(self, model, mapper=None, device=None, dtype=None, tokenizer=None,
+                 cache_bytes=512 << 20, host_cache_bytes=2 << 30):
+        if isinstance(model, (str, os.PathLike)):
+            model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto")
+        elif tokenizer is None:
+            raise LoraError("pass tokenizer= along with a loaded model")
+        elif device is not None:
+            model.to(device)
+        self.pretrained_model, self.tokenizer = model.eval(), tokenizer
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.cache_bytes, self.host_cache_bytes = cache_bytes, host_cache_bytes
+        self._registry = {}  # task -> (checkpoint path, token unique to this registration)
+        self._cache, self._host_cache = OrderedDict(), OrderedDict()  # task -> Adapter, least recent first
+        self._pristine = {}  # module name -> untouched copy of its weight
+        self._applied = {}  # module name -> key of what its weight holds now (absent: pristine)
+        self._active, self._active_plan = None, {}
+        self._fingerprints_ok = set()
+        self._lock = threading.RLock()
+        for name, path in read_mapper(mapper).items():
+            self.add_downstream(name, path)
+
+    # ------------------------------------------------------------------ registry
+
+    @property
+    def downstreams(self):
+        return list(self._registry)
+
+    @property
+    def active(self):
+        return self._active
+
+    def add_downstream(self, name, path):
+        """Register a task; its checkpoint is read on first use, not now."""
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise LoraError(f"checkpoint for task {name!r} not found at {path}; check the mapper entry")
+        with self._lock:
+            if name in self._registry:
+                self.remove_downstream(name)
+            self._registry[name] = (path, next(_tokens))
+
+    def remove_downstream(self, name):
+        with self._lock:
+            self._check_names([name])
+            if self._active is not None and name in dict(self._active):
+                self._switch(None)
+            del self._registry[name]
+            self._cache.pop(name, None)
+            self._host_cache.pop(name, None)
+
+    def _check_names(self, names):
+        unknown = [n for n in names if n not in self._registry]
+        if unknown:
+            known = ", ".join(self._registry) or "none registered"
+            raise LoraError(f"unknown downstream task {unknown[0]!r}; registered tasks: {known}")
+
+    def adapter(self, name):
+        """The task's Adapter on the model's device and dtype, read and validated on first use (LRU cached)."""
+        with self._lock:
+            self._check_names([name])
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return self._cache[name]
+            adapter = self._host_cache.pop(name, None) or self._read(name)
+            on_device = adapter if self.device.type == "cpu" else self._to(adapter, self.device)
+            self._cache[name] = on_device
+            self._evict()
+            return on_device
+
+    def _read(self, name):
+        path = self._registry[name][0]
+        adapter = read_adapter(path)
+        expected = adapter.task.get("base_fingerprint") or {}
+        key = (expected.get("sha256"), tuple(expected.get("shapes", ())), tuple(adapter.modules))
+        if key not in self._fingerprints_ok:
+            check_compatible(adapter, self.pretrained_model, self._pristine_weight)
+            self._fingerprints_ok.add(key)
+        head = self.pretrained_model.get_output_embeddings()
+        for module_name, m in adapter.modules.items():
+            weight = self.pretrained_model.get_submodule(module_name).weight
+            if m.embedding and head is not None and head.weight is weight:
+                raise LoraError(f"task {name!r} adapts {module_name}, whose weight is tied to the output head; "
+                                "merging would change the head too, so train it without the embedding")
+        if adapter.prompt_format:
+            check_prompt_format(adapter.prompt_format, f"prompt format of {path}")
+        return self._to(adapter, "cpu")
+
+    def _pristine_weight(self, module_name):
+        pristine = self._pristine.get(module_name)
+        return pristine if pristine is not None else self.pretrained_model.get_submodule(module_name).weight
+
+    def _to(self, adapter, device):
+        # fp16 addmm is very slow on CPU; such weights are rebuilt in float32 (see _write).
+        dtype = torch.float32 if (self.dtype == torch.float16 and self.device.type == "cpu") else self.dtype
+        adapter.modules = {n: ModuleAdapter(m.A.to(device, dtype), m.B.to(device, dtype), m.scaling, m.embedding)
+                           for n, m in adapter.modules.items()}
+        return adapter
+
+    def _evict(self):
+        pinned = set(dict(self._active or ()))
+        while sum(a.nbytes for a in self._cache.values()) > self.cache_bytes:
+            victim = next((n for n in self._cache if n not in pinned), None)
+            if victim is None or victim == next(reversed(self._cache)):
+                break
+            adapter = self._cache.pop(victim)
+            if self.device.type != "cpu":
+                self._host_cache[victim] = self._to(adapter, "cpu")
+                while sum(a.nbytes for a in self._host_cache.values()) > self.host_cache_bytes:
+                    self._host_cache.popitem(last=False)
+
+    # ------------------------------------------------------------------ exact switching
+
+    def _normalize(self, spec):
+        """None, a task name, or {task: weight} -> None or a sorted tuple of (task, weight)."""
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            spec = {spec: 1.0}
+        if isinstance(spec, tuple):
+            spec = dict(spec)
+        if not isinstance(spec, dict) or not spec:
+            raise LoraError(f"a downstream is a task name, None, or {{task: weight}}, not {spec!r}")
+        self._check_names(list(spec))
+        return tuple(sorted((k, float(v)) for k, v in spec.items()))
+
+    def _plan(self, spec):
+        """{module: (key, B', A', alpha)} with W = W0 + alpha * B' @ A' in the weight's own layout."""
+        if spec is None:
+            return {}
+        parts = {}
+        for name, weight in spec:
+            token = self._registry[name][1]
+            for module_name, m in self.adapter(name).modules.items():
+                parts.setdefault(module_name, []).append((token, weight, m))
+        plan = {}
+        for module_name, items in parts.items():
+            transposed = weight_is_transposed(self.pretrained_model.get_submodule(module_name))
+            key = tuple((token, weight) for token, weight, _ in items)
+            if len(items) == 1:
+                _, weight, m = items[0]
+                B, A, alpha = m.B, m.A, m.scaling * weight
+            else:  # weighted sum of deltas as one low-rank product: [w1 s1 B1 | w2 s2 B2] @ [A1; A2]
+                B = torch.cat([m.B * (m.scaling * w) for _, w, m in items], dim=1)
+                A, alpha = torch.cat([m.A for _, _, m in items], dim=0), 1.0
+            plan[module_name] = (key, A.T, B.T, alpha) if transposed else (key, B, A, alpha)
+        return plan
+
+    @torch.no_grad()
+    def _write(self, module_name, step):
+        weight = self.pretrained_model.get_submodule(module_name).weight
+        if module_name not in self._pristine:
+            self._pristine[module_name] = weight.detach().clone()
+        pristine = self._pristine[module_name]
+        if step is None:
+            weight.copy_(pristine)
+        elif step[1].dtype != weight.dtype:  # float16 on CPU: rebuild in float32, round once
+            weight.copy_(torch.addmm(pristine.float(), step[1], step[2], alpha=step[3]))
+        else:
+            torch.addmm(pristine, step[1], step[2], alpha=step[3], out=weight)
+
+    def _switch(self, spec):
+        spec = self._normalize(spec)
+        plan = self._plan(spec)  # reads and validates every adapter before any weight is touched
+        previous_plan = self._active_plan
+        modules = [n for n in self._pristine if n in plan or n in self._applied] + \
+                  [n for n in plan if n not in self._pristine]
+        try:
+            for name in modules:
+                step = plan.get(name)
+                if self._applied.get(name) != (step and step[0]):
+                    self._applied.pop(name, None)  # unknown until the write completes
+                    self._write(name, step)
+                    if step:
+                        self._applied[name] = step[0]
+        except BaseException:
+            # Interrupted mid-switch: rebuild every layer to the previous task so no weight is half-switched.
+            for name in modules:
+                step = previous_plan.get(name)
+                self._write(name, step)
+                self._applied.pop(name, None)
+                if step:
+                    self._applied[name] = step[0]
+            raise
+        self._active, self._active_plan = spec, plan
+
+    def activate(self, downstream):
+        """Switch the base model to a task (None: the plain base; {task: weight}: a weighted sum) and stay."""
+        with self._lock:
+            self._switch(downstream)
+
+    @contextlib.contextmanager
+    def apply_downstream(self, downstream):
+        """`with mt.apply_downstream("qa") as model:` the HF model with that task applied, restored after."""
+        with self._lock:
+            previous = self._active
+            self._switch(downstream)
+            try:
+                yield self.pretrained_model
+            finally:
+                self._switch(previous)
+
+    # ------------------------------------------------------------------ mixed-task batches
+
+    @contextlib.contextmanager
+    def mixed_batch(self, row_tasks):
+        """Unmerged mode: row i of every batch uses task row_tasks[i] (None: base) through forward hooks.
+
+        The base output is computed once for the batch and each task's low-rank update is added to its
+        own rows, so one batch can mix tasks (as vLLM, S-LoRA and LoRAX do). Beam search repeats rows.
+        """
+        with self._lock:
+            previous = self._active
+            self._switch(None)
+            groups = {}
+            for i, task in enumerate(row_tasks):
+                if task is not None:
+                    groups.setdefault(task, []).append(i)
+            per_module = {}
+            for task, rows in groups.items():
+                rows = torch.tensor(rows, device=self.device)
+                for module_name, m in self.adapter(task).modules.items():
+                    per_module.setdefault(module_name, []).append((rows, m.A, m.B, m.scaling))
+            n = len(row_tasks)
+            handles = []
+            for module_name, module_groups in per_module.items():
+                module = self.pretrained_model.get_submodule(module_name)
+                embedding = isinstance(module, torch.nn.Embedding)
+
+                def hook(mod, args, out, module_groups=module_groups, embedding=embedding):
+                    x = args[0]
+                    if x.shape[0] != n:  # num_beams / num_return_sequences repeat each row
+                        repeat = x.shape[0] // n
+                        module_groups = [((rows[:, None] * repeat + torch.arange(repeat, device=rows.device)).reshape(-1),
+                                          A, B, s) for rows, A, B, s in module_groups]
+                    return add_mixed_updates(out, x, module_groups, embedding)
+                handles.append(module.register_forward_hook(hook))
+            try:
+                yield self.pretrained_model
+            finally:
+                for h in handles:
+                    h.remove()
+                self._switch(previous)
+
+    # ------------------------------------------------------------------ generation
+
+    def prompt_for(self, request):
+        """The prompt text a request asks for: raw `prompt`, else its task's prompt format filled in."""
+        if request.get("prompt") is not None:
+            return request["prompt"]
+        fmt = request.get("prompt_format")
+        if fmt is None:
+            spec = self._normalize(request.get("downstream"))
+            if spec:
+                fmt = self.adapter(max(spec, key=lambda kv: kv[1])[0]).prompt_format
+        return format_prompt(fmt or DEFAULT_PROMPT_FORMAT, request.get("instruction", ""), request.get("input", ""))
+
+    def generation_kwargs(self, overrides):
+        kwargs = {**GENERATION_DEFAULTS, **overrides}
+        if "do_sample" not in overrides and (overrides.get("temperature") or 0) > 0:
+            kwargs["do_sample"] = True
+        kwargs.setdefault("pad_token_id", pad_token_id(self.tokenizer))
+        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return kwargs
+
+    @torch.no_grad()
+    def generate_batch(self, prompts, **generation_kwargs):
+        """Token ids of the prompts, left-padded, through `generate`; returns the new text of each."""
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        width, pad = max(map(len, ids)), pad_token_id(self.tokenizer)
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=self.device)
+        out = self.pretrained_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             **self.generation_kwargs(generation_kwargs))
+        per_prompt = out.shape[0] // len(prompts)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out][::per_prompt]
+
+    def generate_responses(self, requests, batch_size=16):
+        """Answer many requests: grouped by task (one switch per task), each group in padded batches.
+
+        Each request is a dict with `downstream`, `instruction`, `input` (or a raw `prompt`) and optional
+        generation settings. Answers come back in request order.
+        """
+        groups = {}
+        for i, request in enumerate(requests):
+            unknown = set(request) - set(REQUEST_KEYS) - {"batch_size"}
+            settings = {k: request[k] for k in unknown}
+            key = (self._normalize(request.get("downstream")), json.dumps(settings, sort_keys=True, default=str))
+            groups.setdefault(key, []).append(i)
+        answers = [None] * len(requests)
+        with self._lock:
+            for (spec, settings), indices in groups.items():
+                prompts = [self.prompt_for(requests[i]) for i in indices]
+                self._switch(spec)
+                for start in range(0, len(indices), batch_size):
+                    chunk = indices[start:start + batch_size]
+                    texts = self.generate_batch(prompts[start:start + batch_size], **json.loads(settings))
+                    for i, text in zip(chunk, texts):
+                        answers[i] = text
+        return answers
+
+    def generate_response(self, downstream=None, instruction="", input="", **generation_kwargs):
+        """The task's answer to one instruction: its prompt format filled in, greedy by default."""
+        return self.generate_responses([{"downstream": downstream, "instruction": instruction, "input": input,
+                                         **generation_kwargs}])[0]
+

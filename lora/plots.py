@@ -1,0 +1,65 @@
+"""Pictures: training loss curves and base-vs-adapter metric bars (matplotlib, optional)."""
+import json
+import os
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(runs, png_path, title="LoRA finetuning"):
+    """runs: {label: metrics.jsonl path}. Train loss per step (solid), validation loss per epoch (dots)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for i, (label, path) in enumerate(runs.items()):
+        rows = read_metrics(path)
+        color = f"C{i}"
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{label} train")
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, label=f"{label} validation")
+    ax.set(xlabel="optimizer step", ylabel="loss (cross-entropy per token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def plot_metrics(rows, png_path, title="Base model vs LoRA adapter"):
+    """rows: [(task, metric name, base score, adapter score)] as grouped bars, scores in [0, 1]."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    xs = range(len(rows))
+    base = ax.bar([x - 0.2 for x in xs], [r[2] for r in rows], 0.4, label="base model", color="C7")
+    tuned = ax.bar([x + 0.2 for x in xs], [r[3] for r in rows], 0.4, label="LoRA adapter", color="C0")
+    for bars in (base, tuned):
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(list(xs), [f"{r[0]}\n({r[1]})" for r in rows])
+    ax.set(ylim=(0, 1.1), ylabel="score", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path

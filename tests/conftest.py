@@ -1,0 +1,101 @@
+"""Tiny random models and a locally trained tokenizer: the whole suite runs offline in minutes."""
+import json
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+torch.set_num_threads(2)
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
+THINGS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "piano", "garden", "rocket", "candle",
+          "forest", "bridge", "window", "coffee", "violin", "desert"]
+PROMPT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
+
+
+def make_records(n, seed=0, task="color"):
+    """A small learnable task: a fixed mapping from thing to colour (or to its reversed name)."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        thing = rng.choice(THINGS)
+        if task == "color":
+            out = COLORS[THINGS.index(thing) % len(COLORS)]
+            records.append({"instruction": f"What colour is the {thing}?", "input": "", "output": out})
+        else:
+            records.append({"instruction": "Spell the word backwards.", "input": thing, "output": thing[::-1]})
+    return records
+
+
+def train_tokenizer(path):
+    corpus = [PROMPT] + [json.dumps(r) for t in ("color", "reverse") for r in make_records(200, 1, t)]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def save_tiny_model(kind, path, tokenizer, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.eos_token_id)
+    if kind == "llama":
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                             initializer_range=0.1, **common)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1, **common)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tiny_tokenizer):
+    return save_tiny_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def other_llama(tmp_path_factory, tiny_tokenizer):
+    """Same architecture as tiny_llama, other weights: a different base model."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("other-llama"), tiny_tokenizer, seed=1)
+
+
+def write_task(folder, task="color", n=48, targets="q_proj\nv_proj\n", seed=0):
+    """An Alpaca-format task folder: train.json, validation.json, prompt_format.txt, target_modules.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.json").write_text(json.dumps(make_records(n, seed, task)))
+    (folder / "validation.json").write_text(json.dumps(make_records(16, seed + 100, task)))
+    (folder / "prompt_format.txt").write_text(PROMPT)
+    (folder / "target_modules.txt").write_text(targets)
+    return folder
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    return write_task(tmp_path / "task")
+
+
+def finetune_argv(model, task, checkpoint_dir, *extra):
+    return ["--model_name_or_path", str(model), "--target_modules_path", str(task / "target_modules.txt"),
+            "--prompt_format_path", str(task / "prompt_format.txt"), "--train_data_path", str(task / "train.json"),
+            "--checkpoint_dir", str(checkpoint_dir), "--device", "cpu", *map(str, extra)]
