@@ -208,7 +208,7 @@ def finetune(args):
             if evaluate:
                 val_loss, ppl = evaluate_loss(model, val_set, args.batch_size, pad_id, device)
                 log(step=step, epoch=epoch, val_loss=val_loss, val_perplexity=ppl)
-                bar.write(f"epoch {epoch}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}")
+                bar.write(f"epoch {epoch}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}", file=sys.stderr)
             save(f"epoch-{epoch}", epoch, 0)
             continue
         break  # max_steps reached inside the epoch
