@@ -14,16 +14,18 @@ import threading
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import ModuleAdapter, check_compatible, read_adapter
 from .data import check_prompt_format, encode_prompt, format_prompt, pad_token_id
 from .errors import LoraError
-from .layers import add_mixed_updates, weight_is_transposed
+from .layers import weight_is_transposed
 from .models import load_model
 
 DEFAULT_PROMPT_FORMAT = "{instruction}\n\n{input}"
 GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 REQUEST_KEYS = ("downstream", "instruction", "input", "prompt", "prompt_format")
+MODES = ("merged", "mixed", "auto")  # how tasks share a batch: see plan_batches
 _tokens = itertools.count()
 
 
@@ -50,6 +52,65 @@ def read_mapper(mapper):
     return {k: os.path.normpath(os.path.join(root, v)) for k, v in entries.items()}
 
 
+def plan_batches(tasks, batch_size, mode="auto", can_mix=lambda task: True):
+    """The batching policy: split a queue of requests, given by their tasks, into batches of indices.
+
+    Returns [(mixed, indices)]. A merged batch holds one task and runs on that task's merged weights,
+    at base-model speed per token. A mixed batch holds any tasks and runs unmerged, each row adding its
+    own task's low-rank update: slower per token, but a spread-out queue still fills its batches.
+
+      merged  every task in batches of its own.
+      mixed   every batch mixed.
+      auto    (after dLoRA, OSDI'24) a task with at least `batch_size` requests waiting gets merged
+              batches for as many full batches as it fills; everything else (small tasks, remainders)
+              is pooled into mixed batches, and a pooled batch that holds one task only runs merged.
+              So auto needs no more batches than mixed-only, ceil(len(tasks) / batch_size), and runs
+              merged wherever that costs no extra batch: merged for one dominant task, mixed when
+              tasks are spread.
+
+    Tasks that cannot be mixed (`can_mix(task)` false: weighted blends) always run merged.
+    """
+    if mode not in MODES:
+        raise LoraError(f"unknown batching mode {mode!r}; use one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise LoraError(f"batch_size must be at least 1, got {batch_size}")
+    by_task = {}
+    for i, task in enumerate(tasks):
+        by_task.setdefault(task, []).append(i)
+
+    def chunks(rows):
+        return [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    batches, pool = [], []
+    for task, rows in sorted(by_task.items(), key=lambda item: -len(item[1])):  # largest task first
+        if mode == "merged" or not can_mix(task):
+            batches += [(False, chunk) for chunk in chunks(rows)]
+            continue
+        if mode == "auto":
+            full = len(rows) - len(rows) % batch_size
+            batches += [(False, chunk) for chunk in chunks(rows[:full])]
+            rows = rows[full:]
+        pool += rows  # grouped by task, so each task's rows sit together in the mixed batch
+    for chunk in chunks(pool):
+        batches.append((mode == "mixed" or len({tasks[i] for i in chunk}) > 1, chunk))
+    return batches
+
+
+def _can_mix(spec):
+    """A normalized spec can share a mixed batch if it is the base or one task at weight 1, not a blend."""
+    return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
+
+
+def _row_updates(A, B, row_scale, embedding):
+    """A forward hook adding ((x @ A) * row_scale) @ B to a module's output: see mixed_batch."""
+    def hook(module, args, out):
+        x, scale = args[0], row_scale
+        if x.shape[0] != scale.shape[0]:  # num_beams / num_return_sequences repeat each row
+            scale = scale.repeat_interleave(x.shape[0] // scale.shape[0], dim=0)
+        h = F.embedding(x, A) if embedding else x.to(A.dtype) @ A
+        return out.add_(((h * scale) @ B).to(out.dtype))
+    return hook
+
+
 class MultiTaskModel:
     """A Hugging Face causal LM plus a registry of LoRA task adapters, switched by exact weight rebuilds.
 
@@ -73,6 +134,7 @@ class MultiTaskModel:
         self._registry = {}  # task -> (checkpoint path, token unique to this registration)
         self._cache, self._host_cache = OrderedDict(), OrderedDict()  # task -> Adapter, least recent first
         self._pristine = {}  # module name -> untouched copy of its weight
+        self._targets = {}  # module name -> (weight, transposed), see _target
         self._applied = {}  # module name -> key of what its weight holds now (absent: pristine)
         self._active, self._active_plan = None, {}
         self._fingerprints_ok = set()
@@ -195,7 +257,7 @@ class MultiTaskModel:
                 parts.setdefault(module_name, []).append((token, weight, m))
         plan = {}
         for module_name, items in parts.items():
-            transposed = weight_is_transposed(self.pretrained_model.get_submodule(module_name))
+            transposed = self._target(module_name)[1]
             key = tuple((token, weight) for token, weight, _ in items)
             if len(items) == 1:
                 _, weight, m = items[0]
@@ -206,9 +268,15 @@ class MultiTaskModel:
             plan[module_name] = (key, A.T, B.T, alpha) if transposed else (key, B, A, alpha)
         return plan
 
-    @torch.no_grad()
+    def _target(self, module_name):
+        """(weight, stored transposed?) of a module, looked up once: switches run this for every layer."""
+        if module_name not in self._targets:
+            module = self.pretrained_model.get_submodule(module_name)
+            self._targets[module_name] = (module.weight, weight_is_transposed(module))
+        return self._targets[module_name]
+
     def _write(self, module_name, step):
-        weight = self.pretrained_model.get_submodule(module_name).weight
+        weight = self._target(module_name)[0]
         if module_name not in self._pristine:
             self._pristine[module_name] = weight.detach().clone()
         pristine = self._pristine[module_name]
@@ -219,9 +287,11 @@ class MultiTaskModel:
         else:
             torch.addmm(pristine, step[1], step[2], alpha=step[3], out=weight)
 
+    @torch.no_grad()
     def _switch(self, spec):
         spec = self._normalize(spec)
-        plan = self._plan(spec)  # reads and validates every adapter before any weight is touched
+        # Reads and validates every adapter before any weight is touched.
+        plan = self._active_plan if spec == self._active else self._plan(spec)
         previous_plan = self._active_plan
         modules = [n for n in self._pristine if n in plan or n in self._applied] + \
                   [n for n in plan if n not in self._pristine]
@@ -266,34 +336,31 @@ class MultiTaskModel:
     def mixed_batch(self, row_tasks):
         """Unmerged mode: row i of every batch uses task row_tasks[i] (None: base) through forward hooks.
 
-        The base output is computed once for the batch and each task's low-rank update is added to its
-        own rows, so one batch can mix tasks (as vLLM, S-LoRA and LoRAX do). Beam search repeats rows.
+        The base output is computed once for the batch and each row gets its own task's low-rank update,
+        so one batch can mix tasks (as vLLM, S-LoRA and LoRAX do). Per adapted module the update is
+        ((x @ A_all) * row_scale) @ B_all, with every task of the batch stacked along the rank and
+        row_scale keeping each row's own rank block (times its scaling) and zeroing the others: three
+        kernels per module however many tasks share the batch. Beam search repeats rows.
         """
         with self._lock:
             previous = self._active
             self._switch(None)
-            groups = {}
-            for i, task in enumerate(row_tasks):
-                if task is not None:
-                    groups.setdefault(task, []).append(i)
             per_module = {}
-            for task, rows in groups.items():
-                rows = torch.tensor(rows, device=self.device)
+            for task in dict.fromkeys(t for t in row_tasks if t is not None):
+                rows = [i for i, t in enumerate(row_tasks) if t == task]
                 for module_name, m in self.adapter(task).modules.items():
-                    per_module.setdefault(module_name, []).append((rows, m.A, m.B, m.scaling))
-            n = len(row_tasks)
+                    per_module.setdefault(module_name, []).append((rows, m))
             handles = []
-            for module_name, module_groups in per_module.items():
+            for module_name, items in per_module.items():
+                A = torch.cat([m.A for _, m in items]).T  # (in, total rank)
+                B = torch.cat([m.B for _, m in items], dim=1).T  # (total rank, out)
+                row_scale = torch.zeros(len(row_tasks), 1, A.shape[1], dtype=A.dtype, device=A.device)
+                start = 0
+                for rows, m in items:
+                    row_scale[rows, :, start:start + m.A.shape[0]] = m.scaling
+                    start += m.A.shape[0]
                 module = self.pretrained_model.get_submodule(module_name)
-                embedding = isinstance(module, torch.nn.Embedding)
-
-                def hook(mod, args, out, module_groups=module_groups, embedding=embedding):
-                    x = args[0]
-                    if x.shape[0] != n:  # num_beams / num_return_sequences repeat each row
-                        repeat = x.shape[0] // n
-                        module_groups = [((rows[:, None] * repeat + torch.arange(repeat, device=rows.device)).reshape(-1),
-                                          A, B, s) for rows, A, B, s in module_groups]
-                    return add_mixed_updates(out, x, module_groups, embedding)
+                hook = _row_updates(A, B, row_scale, isinstance(module, torch.nn.Embedding))
                 handles.append(module.register_forward_hook(hook))
             try:
                 yield self.pretrained_model
@@ -335,27 +402,41 @@ class MultiTaskModel:
         per_prompt = out.shape[0] // len(prompts)
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out][::per_prompt]
 
-    def generate_responses(self, requests, batch_size=16):
-        """Answer many requests: grouped by task (one switch per task), each group in padded batches.
+    def run_batch(self, prompts, tasks, mixed=False, **generation_kwargs):
+        """One batch of prompts, row i for tasks[i]: mixed (unmerged, any tasks) or merged (one task)."""
+        with self._lock:
+            if mixed:
+                self._switch(None)  # so that mixed_batch has no task to restore afterwards
+                with self.mixed_batch(tasks):
+                    return self.generate_batch(prompts, **generation_kwargs)
+            if len(set(tasks)) != 1:
+                raise LoraError(f"a merged batch holds one task, not {sorted(set(map(str, tasks)))}")
+            self._switch(tasks[0])
+            return self.generate_batch(prompts, **generation_kwargs)
+
+    def generate_responses(self, requests, batch_size=16, mode="auto"):
+        """Answer many requests in padded batches of up to `batch_size`; answers come back in request order.
 
         Each request is a dict with `downstream`, `instruction`, `input` (or a raw `prompt`) and optional
-        generation settings. Answers come back in request order.
+        generation settings. `mode` is how tasks share a batch (see `plan_batches`): "merged" (one task
+        per batch), "mixed" (any tasks per batch, unmerged) or "auto" (chosen per batch).
         """
-        groups = {}
+        by_settings = {}
         for i, request in enumerate(requests):
             unknown = set(request) - set(REQUEST_KEYS) - {"batch_size"}
-            settings = {k: request[k] for k in unknown}
-            key = (self._normalize(request.get("downstream")), json.dumps(settings, sort_keys=True, default=str))
-            groups.setdefault(key, []).append(i)
+            settings = json.dumps({k: request[k] for k in unknown}, sort_keys=True, default=str)
+            by_settings.setdefault(settings, []).append(i)
         answers = [None] * len(requests)
         with self._lock:
-            for (spec, settings), indices in groups.items():
-                prompts = [self.prompt_for(requests[i]) for i in indices]
-                self._switch(spec)
-                for start in range(0, len(indices), batch_size):
-                    chunk = indices[start:start + batch_size]
-                    texts = self.generate_batch(prompts[start:start + batch_size], **json.loads(settings))
-                    for i, text in zip(chunk, texts):
+            specs = [self._normalize(request.get("downstream")) for request in requests]  # fail before any work
+            prompts = [self.prompt_for(request) for request in requests]
+            for settings, indices in by_settings.items():
+                group = [specs[i] for i in indices]
+                for mixed, batch in plan_batches(group, batch_size, mode, can_mix=_can_mix):
+                    rows = [indices[j] for j in batch]
+                    tasks = [specs[i] and specs[i][0][0] if mixed else specs[i] for i in rows]
+                    texts = self.run_batch([prompts[i] for i in rows], tasks, mixed, **json.loads(settings))
+                    for i, text in zip(rows, texts):
                         answers[i] = text
         return answers
 

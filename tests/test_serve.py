@@ -1,0 +1,377 @@
+"""`lora serve`: the real server on 127.0.0.1, driven with the official `openai` client."""
+import concurrent.futures
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from lora.cli import main
+from lora.multitask import MultiTaskModel
+from lora.serve import DrainingServer, create_app
+from tests.conftest import finetune_argv, write_task
+
+TASKS = {"color": ("color", 0), "reverse": ("reverse", 0), "color2": ("color", 1), "reverse2": ("reverse", 1)}
+QUESTIONS = [f"What colour is the {thing}?" for thing in ("apple", "river", "stone", "violin", "garden")]
+CAP = 64  # --max-tokens-cap of the test server
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy shared CPU two threads wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def train(model, root, name, task, seed):
+    folder = write_task(root / f"data-{name}", task, seed=seed)
+    argv = finetune_argv(model, folder, root / f"run-{name}", "--seed", seed, "--learning_rate", "1e-2",
+                         "--lora_alpha", "32")
+    assert main(["finetune", *argv]) == 0
+    return root / f"run-{name}" / "final"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llama):
+    """Four task adapters, plus an adapter root holding one more (`extra`), an empty folder and a
+    symlink that leads out of the root to a real adapter."""
+    root = tmp_path_factory.mktemp("serve")
+    paths = {name: train(tiny_llama, root, name, task, seed) for name, (task, seed) in TASKS.items()}
+    adapter_root = root / "adapter-root"
+    adapter_root.mkdir()
+    shutil.copytree(train(tiny_llama, root, "extra", "reverse", 2), adapter_root / "extra")
+    (adapter_root / "empty").mkdir()
+    os.symlink(paths["color"], adapter_root / "escape")
+    return paths, adapter_root
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app under uvicorn in a thread, on a free 127.0.0.1 port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, adapters):
+    paths, adapter_root = adapters
+    mt = MultiTaskModel(tiny_llama, paths)
+    app = create_app(mt, base_name="tiny", adapter_root=str(adapter_root), max_tokens_cap=CAP, batch_wait_ms=20)
+    with serving(app) as url:
+        yield url, mt
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, adapters):
+    """The library's own answers, one request at a time, from a model the server does not share."""
+    mt = MultiTaskModel(tiny_llama, adapters[0])
+    mt.add_downstream("extra", adapters[1] / "extra")
+    return mt
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def raw_prompt(question):
+    return f"### Instruction:\n{question}\n### Input:\n\n### Response:\n"
+
+
+def test_models_lists_the_base_model_and_every_task(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny", "color", "color2", "reverse", "reverse2"]
+    assert all(m.owned_by == "lora-pytorch" for m in models)
+    assert client.models.retrieve("reverse").id == "reverse"
+
+
+def test_completions_apply_each_task_adapter(client, reference):
+    prompt = raw_prompt(QUESTIONS[0])
+    answers = {}
+    for task in [*TASKS, "tiny"]:
+        out = client.completions.create(model=task, prompt=prompt, max_tokens=10)
+        answers[task] = out.choices[0].text
+        expected = reference.generate_responses([{"downstream": None if task == "tiny" else task, "prompt": prompt,
+                                                 "max_new_tokens": 10}])[0]
+        assert answers[task].strip() == expected
+        assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 10
+    assert len(set(answers.values())) > 2  # the adapters do change the answers
+
+
+def test_completions_take_a_list_of_prompts(client, reference):
+    prompts = [raw_prompt(q) for q in QUESTIONS[:3]]
+    out = client.completions.create(model="reverse", prompt=prompts, max_tokens=8)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    expected = reference.generate_responses([{"downstream": "reverse", "prompt": p, "max_new_tokens": 8} for p in prompts])
+    assert [c.text.strip() for c in out.choices] == expected
+
+
+def test_chat_fills_the_task_prompt_with_the_last_user_message(client, reference):
+    for task in TASKS:
+        out = client.chat.completions.create(
+            model=task, max_tokens=10,
+            messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": "an earlier turn"},
+                      {"role": "assistant", "content": "ok"}, {"role": "user", "content": QUESTIONS[1]}])
+        assert out.choices[0].message.role == "assistant"
+        assert out.choices[0].message.content == reference.generate_response(task, QUESTIONS[1], max_new_tokens=10)
+
+
+def test_native_generate_answers_as_generate_response(server, reference):
+    url = server[0]
+    body = {"downstream": "reverse2", "instruction": "Spell the word backwards.", "input": "piano", "max_new_tokens": 12}
+    out = httpx.post(url + "/v1/generate", json=body, timeout=60).json()
+    assert out["response"] == reference.generate_response("reverse2", "Spell the word backwards.", "piano",
+                                                          max_new_tokens=12)
+    assert out["downstream"] == "reverse2" and out["usage"]["completion_tokens"] <= 12
+
+
+def test_streamed_answers_add_up_to_the_whole_answer(client):
+    prompt = raw_prompt(QUESTIONS[2])
+    whole = client.completions.create(model="color", prompt=prompt, max_tokens=12)
+    chunks = list(client.completions.create(model="color", prompt=prompt, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    messages = [{"role": "user", "content": QUESTIONS[3]}]
+    whole = client.chat.completions.create(model="reverse", messages=messages, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="reverse", messages=messages, max_tokens=12, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings_end_the_answer_streamed_or_not(client):
+    prompt = raw_prompt(QUESTIONS[4])
+    full = client.completions.create(model="reverse2", prompt=prompt, max_tokens=16).choices[0].text
+    assert len(full) >= 6, full
+    stop = full[3:5]
+    out = client.completions.create(model="reverse2", prompt=prompt, max_tokens=16, stop=[stop, "\x00never"])
+    assert out.choices[0].text == full[:full.index(stop)] and out.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="reverse2", prompt=prompt, max_tokens=16, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def test_load_and_unload_an_adapter_at_run_time(server, client, reference):
+    url = server[0]
+    assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": "extra"}).status_code == 200
+    assert "extra" in [m.id for m in client.models.list().data]
+    out = client.chat.completions.create(model="extra", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=10)
+    assert out.choices[0].message.content == reference.generate_response("extra", QUESTIONS[0], max_new_tokens=10)
+
+    again = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": "extra"})
+    assert again.status_code == 400 and "already been loaded" in again.json()["error"]["message"]
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 200
+    assert "extra" not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="extra", prompt="hi", max_tokens=2)
+    gone = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "extra"})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name"
+
+
+def test_adapters_load_only_from_inside_the_adapter_root(server, adapters):
+    url = server[0]
+    paths, adapter_root = adapters
+
+    def load(path):
+        return httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "sneaky", "lora_path": str(path)})
+    for path in (paths["color"], "../run-color/final", "extra/../../run-color/final", "escape", "/etc"):
+        refused = load(path)
+        assert refused.status_code == 403, path
+        assert refused.json()["error"]["code"] == "path_not_allowed"
+    for path in ("empty", "missing", "extra/adapter_config.json"):
+        bad = load(path)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_adapter", path
+    assert "sneaky" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+
+
+def error_of(excinfo):
+    """The OpenAI error object of a failed call, checked for OpenAI's shape."""
+    body = excinfo.value.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_errors_come_in_openai_shape_with_the_right_status(server, client):
+    url = server[0]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-task", prompt="hi", max_tokens=2)
+    assert error_of(e)["code"] == "model_not_found" and error_of(e)["param"] == "model"
+
+    long_prompt = "apple river stone cloud " * 100
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="color", prompt=long_prompt, max_tokens=2)
+    assert error_of(e)["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="color", messages=[{"role": "user", "content": long_prompt}])
+    assert error_of(e)["code"] == "context_length_exceeded"
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="color", prompt="hi", max_tokens=CAP + 1)
+    assert error_of(e)["param"] == "max_tokens" and error_of(e)["code"] == "max_tokens_exceeded"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="color", prompt="hi", max_tokens=2, n=2)
+    assert error_of(e)["param"] == "n"
+
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.completions.create(model="color", prompt="hi", max_tokens="5")
+    assert error_of(e)["param"] == "max_tokens"
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model="color", messages=[{"role": "user", "content": 7}])
+    assert error_of(e)["param"] == "messages.0.content"
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        client.chat.completions.create(model="color", messages=[], temperature="hot")
+    assert error_of(e)["param"] in ("messages", "temperature")
+
+    malformed = httpx.post(url + "/v1/chat/completions", content=b'{"model": "color", "messages": [',
+                           headers={"content-type": "application/json"})
+    assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
+    huge = httpx.post(url + "/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
+    unknown = httpx.get(url + "/v1/nothing-here")
+    assert unknown.status_code == 404 and set(unknown.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
+    app = create_app(MultiTaskModel(tiny_llama, {"color": adapters[0]["color"]}), base_name="tiny", api_key="sekret")
+    with serving(app) as url:
+        assert httpx.get(url + "/health").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/color"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/chat/completions"), ("POST", "/v1/generate"),
+                             ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+                answer = httpx.request(method, url + path, json={}, headers=headers)
+                assert answer.status_code == 401, (path, headers)
+                assert answer.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "color"]
+        assert client.completions.create(model="color", prompt="hi", max_tokens=3).choices[0].finish_reason
+        # Without --adapter-root, loading at run time is off.
+        refused = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"},
+                             headers={"Authorization": "Bearer sekret"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "adapter_loading_disabled"
+
+
+def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
+    """Concurrent clients are batched together, tasks mixed, and each answer is the one it gets alone."""
+    mt = server[1]
+    batches = []
+    run_batch = mt.run_batch
+
+    def spy(prompts, tasks, mixed=False, **kwargs):
+        batches.append((mixed, list(tasks)))
+        return run_batch(prompts, tasks, mixed, **kwargs)
+    mt.run_batch = spy
+    expected = {(task, q): reference.generate_response(task, q, max_new_tokens=6) for task in TASKS for q in QUESTIONS}
+    jobs = [(list(TASKS)[i % 4], QUESTIONS[(i // 4) % len(QUESTIONS)], i % 3) for i in range(200)]
+
+    def ask(job):
+        task, question, kind = job
+        if kind == 0:
+            out = client.completions.create(model=task, prompt=reference.prompt_for(
+                {"downstream": task, "instruction": question}), max_tokens=6)
+            return out.choices[0].text.strip()
+        if kind == 1:
+            out = client.chat.completions.create(model=task, messages=[{"role": "user", "content": question}], max_tokens=6)
+            return out.choices[0].message.content
+        chunks = client.chat.completions.create(model=task, messages=[{"role": "user", "content": question}],
+                                                max_tokens=6, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, jobs))
+    finally:
+        del mt.run_batch
+    assert answers == [expected[task, question] for task, question, _ in jobs]
+    assert sum(len(tasks) for _, tasks in batches) == 200
+    assert any(mixed and len(set(tasks)) > 1 for mixed, tasks in batches)  # tasks did share batches
+    assert len(batches) < 100  # and requests did share batches
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path, tiny_llama, adapters):
+    """`lora serve` as a user starts it; the key comes from LORA_API_KEY."""
+    paths = adapters[0]
+    mapper = tmp_path / "tasks.json"
+    mapper.write_text(json.dumps({"color": str(paths["color"]), "reverse": str(paths["reverse"])}))
+    port = free_port()
+    env = {**os.environ, "LORA_API_KEY": "k3y", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lora.cli", "serve", "--model", tiny_llama, "--mapper", str(mapper),
+                             "--port", str(port), "--max-batch-size", "1", "--max-tokens-cap", "200", "--device", "cpu"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, "lora serve did not start"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=120)
+        prompts = [raw_prompt(q) for q in QUESTIONS[:4]]
+        expected = [client.completions.create(model="color", prompt=p, max_tokens=150).choices[0].text for p in prompts]
+
+        def stream(prompt):
+            return client.completions.create(model="color", prompt=prompt, max_tokens=150, stream=True)
+        # One runs at a time (--max-batch-size 1), so when SIGTERM comes some are still waiting in the queue.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            streams = list(pool.map(stream, prompts))
+            first = next(iter(streams[0]))
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # draining: /health says so, or the listening socket is closed
+                try:
+                    if httpx.get(url + "/health").status_code == 503:
+                        break
+                except httpx.TransportError:
+                    break
+                time.sleep(0.01)
+            with pytest.raises((openai.APIConnectionError, openai.APIStatusError)) as e:
+                client.completions.create(model="color", prompt="hi", max_tokens=2)
+            assert not isinstance(e.value, openai.APIStatusError) or e.value.status_code == 503
+            texts = list(pool.map(lambda s: "".join(c.choices[0].text for c in s), streams))
+        texts[0] = first.choices[0].text + texts[0]
+        assert texts == expected
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
