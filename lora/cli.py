@@ -1,5 +1,6 @@
 """The `lora` command: finetune, eval, generate, chat, serve."""
 import argparse
+import os
 import sys
 
 from .errors import LoraError
@@ -11,6 +12,199 @@ def cmd_finetune(args):
     finetune(args)
 
 
+def cmd_serve(args):
+    try:
+        from .serve import create_app, run
+    except ImportError as e:
+        raise LoraError(f"lora serve needs the serve extra ({e.name} is missing): "
+                        "pip install 'lora-pytorch[serve]'") from None
+    from .multitask import MultiTaskModel
+
+    for flag, value, least in (("--max-batch-size", args.max_batch_size, 1),
+                               ("--max-tokens-cap", args.max_tokens_cap, 1), ("--batch-wait-ms", args.batch_wait_ms, 0)):
+        if value < least:
+            raise LoraError(f"{flag} must be at least {least}, got {value}")
+    if args.adapter_root and not os.path.isdir(args.adapter_root):
+        raise LoraError(f"--adapter-root {args.adapter_root} is not a folder")
+    mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+    app = create_app(mt, base_name=args.model, adapter_root=args.adapter_root, api_key=args.api_key or None,
+                     max_tokens_cap=args.max_tokens_cap, max_batch_size=args.max_batch_size,
+                     batch_wait_ms=args.batch_wait_ms)
+    print(f"Serving {args.model} with tasks: {', '.join(mt.downstreams) or 'none'}", file=sys.stderr)
+    run(app, args.host, args.port)
+
+
+def add_serve_arguments(p):
+    p.add_argument("--model", default="smollm2-135m", help="local HF model folder, or smollm2-135m")
+    p.add_argument("--mapper", help="JSON file {task: checkpoint dir}, or a folder of checkpoints")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapter-root", help="the folder /v1/load_lora_adapter may load from (default: loading is off)")
+    p.add_argument("--api-key", default=os.environ.get("LORA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORA_API_KEY)")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="the most tokens one request may ask for")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most prompts generated together")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    return p
+
+
+# ---------------------------------------------------------------- eval, generate, chat
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_model_arguments(p, base_prompt="the plain '{instruction}\\n\\n{input}'"):
+    p.add_argument("--model", default="smollm2-135m", help="local HF model folder, or smollm2-135m")
+    p.add_argument("--mapper", help="JSON file {task: checkpoint dir}, or a folder of checkpoints")
+    p.add_argument("--prompt_format_path", "--prompt-format-path",
+                   help=f"prompt format file (default: the task adapter's own; for the base model {base_prompt})")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=positive_int, help="longest answer, in tokens")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    return p
+
+
+def load_multitask(args):
+    from .multitask import MultiTaskModel
+
+    return MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+
+
+def task_or_base(name):
+    return None if name in (None, "", "base") else name
+
+
+def read_prompt_format(path):
+    from .data import load_prompt_format
+
+    return load_prompt_format(path) if path else None
+
+
+def cmd_eval(args):
+    import json
+
+    from .evaluate import evaluate
+
+    task = task_or_base(args.task)
+    prompt_format_path = args.prompt_format_path
+    beside_data = os.path.join(os.path.dirname(os.path.abspath(args.test_data_path)), "prompt_format.txt")
+    if task is None and not prompt_format_path and os.path.exists(beside_data):
+        prompt_format_path = beside_data  # a task folder's own prompt: the base model is judged on the same prompt
+    mt = load_multitask(args)
+    result = evaluate(mt, task, args.test_data_path, args.metric, args.batch_size, args.max_new_tokens,
+                      read_prompt_format(prompt_format_path))
+    how = f"prompt format {prompt_format_path}" if prompt_format_path else \
+        "the adapter's prompt format" if task else "the default prompt format"
+    print(f"{result['task']}: {args.metric} {result['score']:.3f} on {result['n']} examples of {args.test_data_path} "
+          f"({how}, {result['seconds']:.0f} s)")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "test_data_path": args.test_data_path, **result}, f, indent=2,
+                      ensure_ascii=False)
+        print(f"Wrote predictions to {args.output}", file=sys.stderr)
+
+
+def add_eval_arguments(p):
+    from .evaluate import METRICS
+
+    add_model_arguments(p, base_prompt="prompt_format.txt beside the test data, if there is one")
+    p.add_argument("--task", help="task name from the mapper; omit or 'base' for the base model")
+    p.add_argument("--test_data_path", "--data", required=True, help="Alpaca-format JSON list or JSONL with outputs")
+    p.add_argument("--metric", default="exact_match", choices=list(METRICS))
+    p.add_argument("--batch_size", "--batch-size", type=positive_int, default=16)
+    p.add_argument("--output", help="write score and every prediction to this JSON file")
+    return p
+
+
+def cmd_generate(args):
+    mt = load_multitask(args)
+    settings = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    fmt = read_prompt_format(args.prompt_format_path)
+    if fmt is not None:
+        settings["prompt_format"] = fmt
+    print(mt.generate_response(task_or_base(args.task), args.instruction, args.input, **settings))
+
+
+def add_generate_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--task", help="task name from the mapper; omit or 'base' for the base model")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--input", default="", help="the optional context the instruction is about")
+    return p
+
+
+CHAT_HELP = "/task NAME switches task (base: no adapter), /tasks lists them, /input TEXT sets the input " \
+            "the next questions are about (/input alone clears it), /quit exits"
+
+
+def chat(mt, lines, task=None, prompt_format=None, max_new_tokens=None):
+    """The chat loop over an iterable of lines (stdin, or a list in tests); everything it says goes to stdout."""
+    import time
+
+    settings = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
+    if prompt_format is not None:
+        settings["prompt_format"] = prompt_format
+    context = ""
+    mt.activate(task)
+    for line in lines:
+        command, _, rest = line.strip().partition(" ")
+        if not command:
+            continue
+        if command in ("/quit", "/exit"):
+            break
+        if command == "/tasks":
+            print("  ".join(f"*{t}" if t == (task or "base") else t for t in ["base", *mt.downstreams]))
+        elif command == "/task":
+            name = task_or_base(rest.strip())
+            started = time.perf_counter()
+            try:
+                mt.activate(name)
+            except LoraError as e:
+                print(f"error: {e}")
+                continue
+            task = name
+            print(f"switched to {task or 'base'} in {1e3 * (time.perf_counter() - started):.1f} ms")
+        elif command == "/input":
+            context = rest.strip()
+            words = len(context.split())
+            print(f"input set ({words} word{'s' * (words != 1)})" if context else "input cleared")
+        elif command.startswith("/"):
+            print(f"unknown command {command}; {CHAT_HELP}")
+        else:
+            print(mt.generate_response(task, line.strip(), context, **settings), flush=True)
+
+
+def prompted_lines(prompt="> "):
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def cmd_chat(args):
+    mt = load_multitask(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Tasks: base {' '.join(mt.downstreams)}. {CHAT_HELP}.")
+    chat(mt, prompted_lines() if interactive else sys.stdin, task_or_base(args.task),
+         read_prompt_format(args.prompt_format_path), args.max_new_tokens)
+
+
+def add_chat_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--task", help="task to start with (default: the base model)")
+    return p
+
+
 def build_parser():
     from .train import add_arguments
 
@@ -19,6 +213,14 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("finetune", help="train one LoRA adapter on Alpaca-format data")
     add_arguments(p).set_defaults(func=cmd_finetune)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many task adapters")
+    add_serve_arguments(p).set_defaults(func=cmd_serve)
+    p = sub.add_parser("eval", help="score a task adapter (or the base model) on a test set")
+    add_eval_arguments(p).set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="one answer from a task adapter (or the base model)")
+    add_generate_arguments(p).set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="interactive prompt; /task NAME switches tasks")
+    add_chat_arguments(p).set_defaults(func=cmd_chat)
     return parser
 
 

@@ -1,0 +1,187 @@
+"""`make demo`: three LoRA task adapters on SmolLM2-135M-Instruct, trained, scored and served from one model.
+
+1. finetune one adapter per task (examples/<task>/) into runs/demo/<task>/ with the seed's finetune command;
+2. score the base model and each adapter on the task's test.json (what `lora eval` does);
+3. load all three into one MultiTaskModel and answer test examples in interleaved task order, timing switches;
+4. write runs/demo/report.md, loss.png and metrics.png.
+
+Re-running reuses finished adapters (runs/demo/<task>/final) unless --force; an interrupted run resumes
+from its newest complete checkpoint.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import torch
+
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(EXAMPLES)
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+from lora import DEFAULT_MODEL, MultiTaskModel, load_model  # noqa: E402
+from lora.checkpoint import adapter_size_bytes, load_training_state  # noqa: E402
+from lora.cli import main as lora_cli  # noqa: E402
+from lora.data import load_prompt_format, load_records  # noqa: E402
+from lora.evaluate import METRICS, evaluate  # noqa: E402
+from lora.models import resolve_model_path  # noqa: E402
+from lora.report import METRIC_NAMES, write_report  # noqa: E402
+
+RUN_DIR = os.path.join(ROOT, "runs", "demo")
+MAPPER = os.path.join(EXAMPLES, "downstream_checkpoint_mapper.json")  # task -> runs/demo/<task>/final
+TASKS = {"question_answering": "exact_match", "summarization": "rouge_l", "extraction": "exact_match"}
+# Sized for 2 CPU cores: a high learning rate and few steps; these tasks are about answer format, which LoRA
+# picks up within a few dozen examples.
+TRAINING = ["--num_epochs", "2", "--batch_size", "8", "--learning_rate", "2e-3", "--warmup_steps", "2",
+            "--lr_scheduler", "linear", "--lora_rank", "8", "--lora_alpha", "16", "--max_seq_length", "256",
+            "--save_steps", "4", "--dtype", "float32", "--device", "cpu", "--seed", "42"]
+ROUNDS = 2  # interleaved answers per task in step 3
+
+
+def task_file(task, name):
+    return os.path.join(EXAMPLES, task, name)
+
+
+def newest_checkpoint(run_dir):
+    """The epoch-N/ or step-K/ checkpoint of an interrupted run with the most optimizer steps, or None.
+
+    On a tie the epoch checkpoint wins: it was saved after that epoch's validation, so nothing is redone.
+    """
+    candidates = []
+    for entry in os.scandir(run_dir) if os.path.isdir(run_dir) else ():
+        if entry.is_dir() and entry.name.startswith(("epoch-", "step-")):
+            state = load_training_state(entry.path)
+            if state is not None:
+                candidates.append((int(state["step"]), entry.name.startswith("epoch-"), entry.path))
+    return max(candidates)[-1] if candidates else None
+
+
+def finetune(task, force):
+    """Train the task's adapter unless it exists; returns the seconds spent training (None: reused)."""
+    run_dir = os.path.join(RUN_DIR, task)
+    if force:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    elif os.path.isdir(os.path.join(run_dir, "final")):
+        print(f"{task}: reusing {os.path.relpath(run_dir, ROOT)}/final (make demo FORCE=1 retrains)")
+        return None
+    argv = ["finetune", "--model_name_or_path", DEFAULT_MODEL,
+            "--target_modules_path", task_file(task, "target_modules.txt"),
+            "--prompt_format_path", task_file(task, "prompt_format.txt"),
+            "--train_data_path", task_file(task, "train.json"),
+            "--validation_data_path", task_file(task, "validation.json"),
+            "--checkpoint_dir", run_dir, *TRAINING]
+    resume = newest_checkpoint(run_dir)
+    if resume:
+        argv += ["--load_from_checkpoint", resume]
+    print(f"\n$ python finetune.py {' '.join(os.path.relpath(a, ROOT) if os.path.isabs(a) else a for a in argv[1:])}")
+    started = time.perf_counter()
+    code = lora_cli(argv)
+    if code:
+        sys.exit(code)
+    return time.perf_counter() - started
+
+
+def score(mt, task, prompt_format):
+    """Base model and adapter on the task's test set, the base model with the adapter's prompt format."""
+    records = load_records(task_file(task, "test.json"))
+    metric = TASKS[task]
+    base = evaluate(mt, None, records, metric, prompt_format=prompt_format)
+    tuned = evaluate(mt, task, records, metric)
+    print(f"{task:<20} {METRIC_NAMES[metric]:<12} base {base['score']:.2f}  ->  adapter {tuned['score']:.2f}"
+          f"   ({len(records)} test examples, {base['seconds'] + tuned['seconds']:.0f} s)")
+    return base, tuned
+
+
+def interleaved_answers(mt):
+    """Answer test examples in task order qa, summarization, extraction, qa, ...: every answer needs a switch."""
+    for task in mt.downstreams:
+        mt.adapter(task)  # read from disk now, so the timings below are the weight swaps alone
+    switches = []
+    for round_ in range(ROUNDS):
+        for task in TASKS:
+            record = load_records(task_file(task, "test.json"))[1 + round_]
+            started = time.perf_counter()
+            mt.activate(task)
+            switched = time.perf_counter()
+            answer = mt.generate_response(task, record["instruction"], record["input"], max_new_tokens=64)
+            answered = time.perf_counter()
+            switches.append({"task": task, "switch_ms": 1e3 * (switched - started), "answer_seconds": answered - switched,
+                             "instruction": record["instruction"], "input": record["input"], "answer": answer,
+                             "expected": record["output"]})
+            mark = "exact" if METRICS["exact_match"](answer, record["output"]) else \
+                f"ROUGE-L {METRICS['rouge_l'](answer, record['output']):.2f}"
+            print(f"\n[{task}] switch {switches[-1]['switch_ms']:.1f} ms, answer {answered - switched:.2f} s")
+            if record["input"]:
+                print(f"  input:    {shorten(record['input'])}")
+            print(f"  ask:      {shorten(record['instruction'])}")
+            print(f"  answer:   {answer}   ({mark})")
+    return switches
+
+
+def shorten(text, limit=110):
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--force", action="store_true", help="retrain every adapter from scratch")
+    args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bars on stderr
+    started = time.perf_counter()
+    phases = {}
+
+    def phase_done(name, since):
+        phases[name] = time.perf_counter() - since
+        return time.perf_counter()
+
+    print(f"== 1/4  Finetune one LoRA adapter per task on {DEFAULT_MODEL} ({torch.get_num_threads()} CPU threads)")
+    resolve_model_path(DEFAULT_MODEL)  # the first run turns the packaged GGUF into a model folder, once
+    mark = phase_done("preparing the base model", started)
+    train_seconds = {task: finetune(task, args.force) for task in TASKS}
+    mark = phase_done("training 3 adapters", mark)
+
+    print("\n== 2/4  Base model vs adapter on each test set")
+    model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
+    base_parameters = sum(p.numel() for p in model.parameters())
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    mt = MultiTaskModel(model, MAPPER, tokenizer=tokenizer)
+    scores = {task: score(mt, task, load_prompt_format(task_file(task, "prompt_format.txt"))) for task in TASKS}
+    mark = phase_done("scoring base model and adapters", mark)
+
+    print("\n== 3/4  One model, three tasks: interleaved answers")
+    switches = interleaved_answers(mt)
+    mt.activate(None)
+    phase_done("interleaved answers", mark)
+
+    print("\n== 4/4  Report")
+    tasks = []
+    for task, (base, tuned) in scores.items():
+        adapter = mt.adapter(task)
+        path = adapter.path
+        first_base, first_tuned = base["predictions"][0], tuned["predictions"][0]
+        tasks.append({"task": task, "metric": TASKS[task], "base_score": base["score"],
+                      "adapter_score": tuned["score"], "n": tuned["n"],
+                      "adapter_parameters": sum(m.A.numel() + m.B.numel() for m in adapter.modules.values()),
+                      "adapter_bytes": adapter_size_bytes(path), "train_seconds": train_seconds[task],
+                      "metrics_path": os.path.join(RUN_DIR, task, "metrics.jsonl"),
+                      "example": {"instruction": first_tuned["instruction"], "input": first_tuned["input"],
+                                  "output": first_tuned["output"], "base": first_base["prediction"],
+                                  "adapter": first_tuned["prediction"]}})
+    summary = {"model": DEFAULT_MODEL, "base_parameters": base_parameters, "base_bytes": base_bytes,
+               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - started,
+               "phases": phases, "tasks": tasks, "switches": switches}
+    report = write_report(RUN_DIR, summary)
+    median = statistics.median(s["switch_ms"] for s in switches)
+    print(f"Median switch {median:.1f} ms. Wrote {os.path.relpath(report, ROOT)}, loss.png and metrics.png "
+          f"in {os.path.relpath(RUN_DIR, ROOT)}/ ({summary['wall_seconds'] / 60:.1f} min in all)")
+    losers = [t["task"] for t in tasks if t["adapter_score"] <= t["base_score"]]
+    if losers:
+        print(f"warning: the adapter did not beat the base model on {', '.join(losers)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

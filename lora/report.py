@@ -1,0 +1,136 @@
+"""The demo's report: report.md with base-vs-adapter scores, sizes and switch times, plus loss.png and metrics.png.
+
+Everything comes in as one plain `summary` dict (also written as summary.json, so numbers can be
+reused without parsing markdown):
+
+    {"model": str, "base_parameters": int, "base_bytes": int, "wall_seconds": float, "threads": int,
+     "tasks": [{"task", "metric", "base_score", "adapter_score", "n", "adapter_parameters", "adapter_bytes",
+                "train_seconds" (None when reused), "metrics_path", "example": {"instruction", "input",
+                "output", "base", "adapter"}}],
+     "switches": [{"task", "switch_ms", "answer_seconds", "instruction", "input", "answer"}],
+     "phases": {name: seconds} (optional)}
+"""
+import json
+import os
+import statistics
+
+from .plots import plot_losses, plot_metrics
+
+METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L F1"}
+
+
+def megabytes(n):
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def one_line(text, limit=160):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def cell(text, limit=100):
+    return one_line(text, limit).replace("|", "\\|")  # a bare | would end the table cell
+
+
+def score_table(tasks):
+    lines = ["| task | metric | base model | LoRA adapter | test examples |", "|---|---|---:|---:|---:|"]
+    for t in tasks:
+        lines.append(f"| {t['task']} | {METRIC_NAMES.get(t['metric'], t['metric'])} | {t['base_score']:.2f} | "
+                     f"**{t['adapter_score']:.2f}** | {t['n']} |")
+    return lines
+
+
+def size_table(summary):
+    base_bytes = summary["base_bytes"]
+    lines = ["| | parameters | file size | vs base model |", "|---|---:|---:|---:|",
+             f"| base model ({summary['model']}) | {summary['base_parameters'] / 1e6:.1f} M | "
+             f"{megabytes(base_bytes)} | 100% |"]
+    for t in summary["tasks"]:
+        lines.append(f"| {t['task']} adapter | {t['adapter_parameters'] / 1e6:.2f} M | {megabytes(t['adapter_bytes'])} | "
+                     f"{100 * t['adapter_bytes'] / base_bytes:.2f}% |")
+    return lines
+
+
+def training_table(tasks):
+    lines = ["| task | optimizer steps | training time | last train loss | validation loss |", "|---|---:|---:|---:|---:|"]
+    for t in tasks:
+        rows = [json.loads(line) for line in open(t["metrics_path"], encoding="utf-8")] \
+            if os.path.exists(t["metrics_path"]) else []
+        train = [r for r in rows if "loss" in r]
+        val = [r for r in rows if "val_loss" in r]
+        took = minutes(t["train_seconds"]) if t.get("train_seconds") is not None else "reused"
+        lines.append(f"| {t['task']} | {train[-1]['step'] if train else '-'} | {took} | "
+                     f"{train[-1]['loss'] if train else float('nan'):.3f} | "
+                     f"{val[-1]['val_loss'] if val else float('nan'):.3f} |")
+    return lines
+
+
+def switch_table(switches):
+    lines = ["| # | task | switch | generation | instruction | answer |", "|---:|---|---:|---:|---|---|"]
+    for i, s in enumerate(switches, 1):
+        lines.append(f"| {i} | {s['task']} | {s['switch_ms']:.1f} ms | {s['answer_seconds']:.2f} s | "
+                     f"{cell(s['instruction'], 70)} | {cell(s['answer'])} |")
+    return lines
+
+
+def example_section(t):
+    ex = t["example"]
+    lines = [f"### {t['task']}", ""]
+    if ex.get("input"):
+        lines.append(f"- **input:** {one_line(ex['input'], 400)}")
+    lines += [f"- **instruction:** {one_line(ex['instruction'], 400)}",
+              f"- **expected:** `{one_line(ex['output'])}`",
+              f"- **base model:** `{one_line(ex['base'])}`",
+              f"- **LoRA adapter:** `{one_line(ex['adapter'])}`", ""]
+    return lines
+
+
+def write_report(out_dir, summary):
+    """Write report.md, summary.json, loss.png and metrics.png into out_dir; returns report.md's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    tasks, switches = summary["tasks"], summary["switches"]
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, ensure_ascii=False)
+    loss_png = plot_losses({t["task"]: t["metrics_path"] for t in tasks}, os.path.join(out_dir, "loss.png"),
+                           title=f"LoRA finetuning of {summary['model']}")
+    metrics_png = plot_metrics([(t["task"], METRIC_NAMES.get(t["metric"], t["metric"]), t["base_score"],
+                                 t["adapter_score"]) for t in tasks], os.path.join(out_dir, "metrics.png"),
+                               title=f"{summary['model']}: base model vs LoRA adapter on each test set")
+    switch_ms = [s["switch_ms"] for s in switches]
+    lines = [f"# LoRA demo: {len(tasks)} task adapters on {summary['model']}", "",
+             f"One base model ({summary['base_parameters'] / 1e6:.0f} M parameters), one small LoRA adapter per task, "
+             f"all served from one `MultiTaskModel`. The whole run took {minutes(summary['wall_seconds'])} "
+             f"on {summary['threads']} CPU thread(s).", "",
+             "## Base model vs adapter", "",
+             "Each model answers every test example greedily with the task's prompt format; the base model gets the "
+             "same prompt as the adapter.", "", *score_table(tasks), ""]
+    if metrics_png:
+        lines += ["![base model vs adapter](metrics.png)", ""]
+    lines += ["## Training", "", *training_table(tasks), ""]
+    if loss_png:
+        lines += ["![training and validation loss](loss.png)", ""]
+    all_adapters = sum(t["adapter_bytes"] for t in tasks)
+    lines += ["## Adapter sizes", "", f"All {len(tasks)} adapters together take {megabytes(all_adapters)}, "
+              f"{100 * all_adapters / summary['base_bytes']:.1f}% of the one base model they share.", "",
+              *size_table(summary), ""]
+    if switches:
+        lines += ["## Switching tasks", "",
+                  f"One `MultiTaskModel` answers the tasks in interleaved order. Each switch rebuilds the targeted "
+                  f"weights from a pristine copy (W = W0 + s·B·A); median switch time "
+                  f"**{statistics.median(switch_ms):.1f} ms** (max {max(switch_ms):.1f} ms).", "",
+                  *switch_table(switches), ""]
+    lines += ["## Example answers", "", "The first test example of each task.", ""]
+    for t in tasks:
+        lines += example_section(t)
+    if summary.get("phases"):
+        lines += ["## Time", "", "| step | wall time |", "|---|---:|",
+                  *[f"| {name} | {minutes(seconds)} |" for name, seconds in summary["phases"].items()],
+                  f"| **all of it** | **{minutes(summary['wall_seconds'])}** |", ""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
