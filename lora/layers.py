@@ -86,13 +86,18 @@ class LoraLayer(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
 
 
-def add_mixed_updates(out, x, groups, embedding=False):
-    """Mixed-task batches: add each task's low-rank update to that task's rows of `out`, in place.
+def mixed_update_hook(A, B, row_scale, embedding=False):
+    """Mixed-task batches: a forward hook adding ((x @ A) * row_scale) @ B to a module's output.
 
-    `groups` is a list of (rows, A, B, scaling) with `rows` a LongTensor of batch indices; rows in no
-    group get the base output alone. The base output was computed once for the whole batch.
+    A (in, R) and B (R, out) stack every task's adapter in the batch along the rank dimension;
+    row_scale (batch, 1, R) holds each row's own task scaling on its task's rank slice and zero
+    elsewhere, so the base output is computed once and each row gets only its task's update, in
+    three kernels per module however many tasks share the batch.
     """
-    for rows, A, B, scaling in groups:
-        update = lora_update(x.index_select(0, rows), A, B, scaling, embedding)
-        out.index_add_(0, rows, update.to(out.dtype))
-    return out
+    def hook(module, args, out):
+        x, scale = args[0], row_scale
+        if x.shape[0] != scale.shape[0]:  # num_beams / num_return_sequences repeat each row
+            scale = scale.repeat_interleave(x.shape[0] // scale.shape[0], dim=0)
+        h = F.embedding(x, A) if embedding else x.to(A.dtype) @ A
+        return out.add_(((h * scale) @ B).to(out.dtype))
+    return hook

@@ -14,12 +14,11 @@ import threading
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import ModuleAdapter, check_compatible, read_adapter
 from .data import check_prompt_format, encode_prompt, format_prompt, pad_token_id
 from .errors import LoraError
-from .layers import weight_is_transposed
+from .layers import mixed_update_hook, weight_is_transposed
 from .models import load_model
 
 DEFAULT_PROMPT_FORMAT = "{instruction}\n\n{input}"
@@ -98,17 +97,6 @@ def plan_batches(tasks, batch_size, mode="auto", can_mix=lambda task: True):
 def _can_mix(spec):
     """A normalized spec can share a mixed batch if it is the base or one task at weight 1, not a blend."""
     return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
-
-
-def _row_updates(A, B, row_scale, embedding):
-    """A forward hook adding ((x @ A) * row_scale) @ B to a module's output: see mixed_batch."""
-    def hook(module, args, out):
-        x, scale = args[0], row_scale
-        if x.shape[0] != scale.shape[0]:  # num_beams / num_return_sequences repeat each row
-            scale = scale.repeat_interleave(x.shape[0] // scale.shape[0], dim=0)
-        h = F.embedding(x, A) if embedding else x.to(A.dtype) @ A
-        return out.add_(((h * scale) @ B).to(out.dtype))
-    return hook
 
 
 class MultiTaskModel:
@@ -360,7 +348,7 @@ class MultiTaskModel:
                     row_scale[rows, :, start:start + m.A.shape[0]] = m.scaling
                     start += m.A.shape[0]
                 module = self.pretrained_model.get_submodule(module_name)
-                hook = _row_updates(A, B, row_scale, isinstance(module, torch.nn.Embedding))
+                hook = mixed_update_hook(A, B, row_scale, isinstance(module, torch.nn.Embedding))
                 handles.append(module.register_forward_hook(hook))
             try:
                 yield self.pretrained_model
