@@ -129,7 +129,7 @@ def main():
     parser.add_argument("--force", action="store_true", help="retrain every adapter from scratch")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bars on stderr
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     phases = {}
 
     def phase_done(name, since):
@@ -138,7 +138,7 @@ def main():
 
     print(f"== 1/4  Finetune one LoRA adapter per task on {DEFAULT_MODEL} ({torch.get_num_threads()} CPU threads)")
     resolve_model_path(DEFAULT_MODEL)  # the first run turns the packaged GGUF into a model folder, once
-    mark = phase_done("preparing the base model", started)
+    mark = phase_done("preparing the base model (first run only)", started)
     train_seconds = {task: finetune(task, args.force) for task in TASKS}
     mark = phase_done("training 3 adapters", mark)
 
@@ -171,7 +171,8 @@ def main():
                                   "adapter": first_tuned["prediction"]}})
     summary = {"model": DEFAULT_MODEL, "base_parameters": base_parameters, "base_bytes": base_bytes,
                "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - started,
-               "phases": phases, "tasks": tasks, "switches": switches}
+               "phases": phases, "cpu_seconds": time.process_time() - cpu_started, "load_average": os.getloadavg()[2],
+               "tasks": tasks, "switches": switches}
     report = write_report(RUN_DIR, summary)
     median = statistics.median(s["switch_ms"] for s in switches)
     print(f"Median switch {median:.1f} ms. Wrote {os.path.relpath(report, ROOT)}, loss.png and metrics.png "

@@ -8,7 +8,7 @@ reused without parsing markdown):
                 "train_seconds" (None when reused), "metrics_path", "example": {"instruction", "input",
                 "output", "base", "adapter"}}],
      "switches": [{"task", "switch_ms", "answer_seconds", "instruction", "input", "answer"}],
-     "phases": {name: seconds} (optional)}
+     "phases": {name: seconds}, "cpu_seconds": float, "load_average": float (all three optional)}
 """
 import json
 import os
@@ -130,6 +130,11 @@ def write_report(out_dir, summary):
         lines += ["## Time", "", "| step | wall time |", "|---|---:|",
                   *[f"| {name} | {minutes(seconds)} |" for name, seconds in summary["phases"].items()],
                   f"| **all of it** | **{minutes(summary['wall_seconds'])}** |", ""]
+    if summary.get("cpu_seconds") is not None:
+        # Wall time depends on what else runs on the machine; CPU time and load say how busy it was.
+        lines += [f"The run used {minutes(summary['cpu_seconds'])} of CPU time on {summary['threads']} thread(s)"
+                  + (f"; the machine's load average over the last 15 minutes was {summary['load_average']:.1f} "
+                     f"(on {os.cpu_count()} cores)" if summary.get("load_average") is not None else "") + ".", ""]
     path = os.path.join(out_dir, "report.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
