@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 from tests.conftest import finetune_argv, write_task
 from lora.cli import main
@@ -10,15 +9,6 @@ from lora.errors import LoraError
 from lora.multitask import MultiTaskModel, plan_batches
 
 TRAIN = ("--learning_rate", "1e-2", "--lora_alpha", "32")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU two threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from lora.cli import main
@@ -25,15 +24,6 @@ from tests.conftest import finetune_argv, write_task
 TASKS = {"color": ("color", 0), "reverse": ("reverse", 0), "color2": ("color", 1), "reverse2": ("reverse", 1)}
 QUESTIONS = [f"What colour is the {thing}?" for thing in ("apple", "river", "stone", "violin", "garden")]
 CAP = 64  # --max-tokens-cap of the test server
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy shared CPU two threads wait on each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def train(model, root, name, task, seed):
