@@ -59,7 +59,7 @@ def positive_int(text):
     return value
 
 
-def add_model_arguments(p, base_prompt="the plain '{instruction}\\n\\n{input}'"):
+def add_model_arguments(p, base_prompt="the model's chat template around '{instruction}\\n\\n{input}'"):
     p.add_argument("--model", default="smollm2-135m", help="local HF model folder, or smollm2-135m")
     p.add_argument("--mapper", help="JSON file {task: checkpoint dir}, or a folder of checkpoints")
     p.add_argument("--prompt_format_path", "--prompt-format-path",
@@ -80,10 +80,27 @@ def task_or_base(name):
     return None if name in (None, "", "base") else name
 
 
-def read_prompt_format(path):
+def base_prompt_format(tokenizer):
+    """The model's own chat template around '{instruction}\n\n{input}': how an instruct model expects a question.
+
+    None when the tokenizer has no chat template (then MultiTaskModel's plain default applies).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.apply_chat_template([{"role": "user", "content": "{instruction}\n\n{input}"}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def prompt_format_for(mt, task, path=None):
+    """(prompt format or None, where it comes from): the file at `path`, else the adapter's, else the base model's."""
     from .data import load_prompt_format
 
-    return load_prompt_format(path) if path else None
+    if path:
+        return load_prompt_format(path), f"prompt format {path}"
+    if task is not None:
+        return None, "the adapter's prompt format"
+    fmt = base_prompt_format(mt.tokenizer)
+    return fmt, "the model's chat template" if fmt else "the plain default prompt format"
 
 
 def cmd_eval(args):
@@ -93,14 +110,12 @@ def cmd_eval(args):
 
     task = task_or_base(args.task)
     prompt_format_path = args.prompt_format_path
-    beside_data = os.path.join(os.path.dirname(os.path.abspath(args.test_data_path)), "prompt_format.txt")
+    beside_data = os.path.join(os.path.dirname(args.test_data_path), "prompt_format.txt")
     if task is None and not prompt_format_path and os.path.exists(beside_data):
         prompt_format_path = beside_data  # a task folder's own prompt: the base model is judged on the same prompt
     mt = load_multitask(args)
-    result = evaluate(mt, task, args.test_data_path, args.metric, args.batch_size, args.max_new_tokens,
-                      read_prompt_format(prompt_format_path))
-    how = f"prompt format {prompt_format_path}" if prompt_format_path else \
-        "the adapter's prompt format" if task else "the default prompt format"
+    prompt_format, how = prompt_format_for(mt, task, prompt_format_path)
+    result = evaluate(mt, task, args.test_data_path, args.metric, args.batch_size, args.max_new_tokens, prompt_format)
     print(f"{result['task']}: {args.metric} {result['score']:.3f} on {result['n']} examples of {args.test_data_path} "
           f"({how}, {result['seconds']:.0f} s)")
     if args.output:
@@ -114,7 +129,7 @@ def cmd_eval(args):
 def add_eval_arguments(p):
     from .evaluate import METRICS
 
-    add_model_arguments(p, base_prompt="prompt_format.txt beside the test data, if there is one")
+    add_model_arguments(p, base_prompt="prompt_format.txt beside the test data, else its chat template")
     p.add_argument("--task", help="task name from the mapper; omit or 'base' for the base model")
     p.add_argument("--test_data_path", "--data", required=True, help="Alpaca-format JSON list or JSONL with outputs")
     p.add_argument("--metric", default="exact_match", choices=list(METRICS))
@@ -125,11 +140,12 @@ def add_eval_arguments(p):
 
 def cmd_generate(args):
     mt = load_multitask(args)
+    task = task_or_base(args.task)
     settings = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
-    fmt = read_prompt_format(args.prompt_format_path)
+    fmt = prompt_format_for(mt, task, args.prompt_format_path)[0]
     if fmt is not None:
         settings["prompt_format"] = fmt
-    print(mt.generate_response(task_or_base(args.task), args.instruction, args.input, **settings))
+    print(mt.generate_response(task, args.instruction, args.input, **settings))
 
 
 def add_generate_arguments(p):
@@ -145,12 +161,14 @@ CHAT_HELP = "/task NAME switches task (base: no adapter), /tasks lists them, /in
 
 
 def chat(mt, lines, task=None, prompt_format=None, max_new_tokens=None):
-    """The chat loop over an iterable of lines (stdin, or a list in tests); everything it says goes to stdout."""
+    """The chat loop over an iterable of lines (stdin, or a list in tests); everything it says goes to stdout.
+
+    `prompt_format` applies to every task; without it a task uses its adapter's and the base model its own.
+    """
     import time
 
     settings = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-    if prompt_format is not None:
-        settings["prompt_format"] = prompt_format
+    base_format = prompt_format or base_prompt_format(mt.tokenizer)
     context = ""
     mt.activate(task)
     for line in lines:
@@ -163,14 +181,18 @@ def chat(mt, lines, task=None, prompt_format=None, max_new_tokens=None):
             print("  ".join(f"*{t}" if t == (task or "base") else t for t in ["base", *mt.downstreams]))
         elif command == "/task":
             name = task_or_base(rest.strip())
-            started = time.perf_counter()
             try:
+                read = time.perf_counter()
+                if name is not None:
+                    mt.adapter(name)  # read from disk on first use: not part of the switch
+                started = time.perf_counter()
                 mt.activate(name)
             except LoraError as e:
                 print(f"error: {e}")
                 continue
-            task = name
-            print(f"switched to {task or 'base'} in {1e3 * (time.perf_counter() - started):.1f} ms")
+            task, done = name, time.perf_counter()
+            first_use = f" (read from disk first in {1e3 * (started - read):.0f} ms)" if started - read > 1e-3 else ""
+            print(f"switched to {task or 'base'} in {1e3 * (done - started):.1f} ms{first_use}")
         elif command == "/input":
             context = rest.strip()
             words = len(context.split())
@@ -178,7 +200,9 @@ def chat(mt, lines, task=None, prompt_format=None, max_new_tokens=None):
         elif command.startswith("/"):
             print(f"unknown command {command}; {CHAT_HELP}")
         else:
-            print(mt.generate_response(task, line.strip(), context, **settings), flush=True)
+            fmt = base_format if task is None else prompt_format
+            print(mt.generate_response(task, line.strip(), context, **settings,
+                                       **({"prompt_format": fmt} if fmt else {})), flush=True)
 
 
 def prompted_lines(prompt="> "):
@@ -191,12 +215,14 @@ def prompted_lines(prompt="> "):
 
 
 def cmd_chat(args):
+    from .data import load_prompt_format
+
+    prompt_format = load_prompt_format(args.prompt_format_path) if args.prompt_format_path else None
     mt = load_multitask(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Tasks: base {' '.join(mt.downstreams)}. {CHAT_HELP}.")
-    chat(mt, prompted_lines() if interactive else sys.stdin, task_or_base(args.task),
-         read_prompt_format(args.prompt_format_path), args.max_new_tokens)
+    chat(mt, prompted_lines() if interactive else sys.stdin, task_or_base(args.task), prompt_format, args.max_new_tokens)
 
 
 def add_chat_arguments(p):

@@ -73,7 +73,7 @@ def switch_table(switches):
     lines = ["| # | task | switch | generation | instruction | answer |", "|---:|---|---:|---:|---|---|"]
     for i, s in enumerate(switches, 1):
         lines.append(f"| {i} | {s['task']} | {s['switch_ms']:.1f} ms | {s['answer_seconds']:.2f} s | "
-                     f"{cell(s['instruction'], 70)} | {cell(s['answer'])} |")
+                     f"{cell(s['instruction'], 70)} | {cell(s['answer'], 140)} |")
     return lines
 
 

@@ -1,12 +1,14 @@
 """`lora eval`, `lora generate`, `lora chat`, the metrics and the demo's report writer, on tiny models."""
+import copy
 import io
 import json
+import re
 
 import pytest
 
 from tests.conftest import finetune_argv, write_task
 from lora import MultiTaskModel
-from lora.cli import main
+from lora.cli import base_prompt_format, main
 from lora.evaluate import evaluate, exact_match, lcs_length, rouge_l
 from lora.report import write_report
 
@@ -114,13 +116,21 @@ def test_lora_chat_switches_tasks_from_piped_stdin(trained, tiny_llama, monkeypa
     assert main(["chat", "--model", tiny_llama, "--mapper", mapper, "--max_new_tokens", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "*base  color"
-    assert out[1].startswith("switched to color in ") and out[1].endswith(" ms")
+    assert re.fullmatch(r"switched to color in [\d.]+ ms \(read from disk first in \d+ ms\)", out[1])
     assert out[3].startswith("error: unknown downstream task 'nope'")
     assert out[4] == "input set (1 word)"
     assert out[5].startswith("unknown command /frobnicate")
-    assert out[6].startswith("switched to base in ")
+    assert re.fullmatch(r"switched to base in [\d.]+ ms", out[6])
     assert out[7] == "*base  color"
     assert len(out) == 8
+
+
+def test_the_base_model_is_asked_through_its_chat_template(tiny_tokenizer):
+    assert base_prompt_format(tiny_tokenizer) is None  # no template: MultiTaskModel's plain default
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert base_prompt_format(tokenizer) == "<user>{instruction}\n\n{input}</user><assistant>"
 
 
 # ---------------------------------------------------------------- report
