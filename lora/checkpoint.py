@@ -77,9 +77,14 @@ def atomic_directory(path):
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        # mkdtemp makes the folder private (0700); a checkpoint is shared like any saved model.
+        os.chmod(tmp, 0o777 & ~umask)
         for entry in os.scandir(tmp):
+            os.chmod(entry.path, 0o666 & ~umask)
             with open(entry.path, "rb") as f:
                 os.fsync(f.fileno())
         if os.path.exists(path):

@@ -115,8 +115,8 @@ def load_dataset(path, tokenizer, prompt_format, max_length):
     return examples, truncated
 
 
-def collate(examples, pad_id, padding_side="right"):
-    """Pad a list of encoded examples into a batch; padding gets attention 0 and label IGNORE_INDEX."""
+def collate(examples, pad_id):
+    """Right-pad a list of encoded examples into a batch; padding gets attention 0 and label IGNORE_INDEX."""
     width = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
     for e in examples:
@@ -124,5 +124,5 @@ def collate(examples, pad_id, padding_side="right"):
         rows = (e["input_ids"], [1] * n, e.get("labels", e["input_ids"]))
         fill = (pad_id, 0, IGNORE_INDEX)
         for key, row, value in zip(batch, rows, fill):
-            batch[key].append(row + [value] * pad if padding_side == "right" else [value] * pad + row)
+            batch[key].append(row + [value] * pad)
     return {k: torch.tensor(v) for k, v in batch.items()}
