@@ -4,11 +4,13 @@
     .venv/bin/python bench/swap.py --threads 1   # when other jobs share the cores: ~1 min instead of ~7
 
 Prints a markdown table (paste it into the README with the machine line under it):
-  - switch latency here (every touched weight rebuilt as W0 + s*B@A from a pristine copy) vs PEFT's
-    unmerge + set_adapter + merge, PEFT's hotswap_adapter, and the floor: a plain copy of exactly the
-    weights a switch touches (and one addmm per weight, which a rebuild cannot beat);
-  - the same switch with 1,000 tasks registered, and a switch to a task that is not cached yet;
-  - base-weight drift after 1,000 switches in this dtype, here vs PEFT's merge/unmerge;
+  - switch latency here, two ways: between tasks whose merged weights are cached (the default
+    merged_cache_bytes holds both: parameters are re-pointed, nothing is copied), and with
+    merged_cache_bytes=0, where every switch rebuilds each touched weight as W0 + s*B@A; vs PEFT's
+    unmerge + set_adapter + merge, PEFT's hotswap_adapter, and the floors: a plain copy of exactly the
+    weights a switch touches, and one addmm per weight in a loop;
+  - the same switches with 1,000 tasks registered, and a switch to a task that is not cached yet;
+  - base-weight drift after 1,000 rebuilding switches in this dtype, here vs PEFT's merge/unmerge;
   - forward latency with a merged task vs the plain base model (and PEFT's unmerged adapter).
 Everything that is compared is timed interleaved, iteration by iteration, and ratios are medians of the
 per-iteration ratios: on a shared machine the load changes from second to second, and pairing cancels it.
@@ -104,7 +106,8 @@ def cpu_model():
 # ---------------------------------------------------------------- model and random adapters
 log(f"loading {args.model} in {args.dtype}, {args.threads} threads")
 model, tokenizer = lora.load_model(args.model, dtype=dtype)
-peft_base = copy.deepcopy(model)  # PEFT gets its own copy of the same weights: neither side sees the other's writes
+# PEFT and the rebuilding MultiTaskModel get their own copies of the same weights: no side sees another's writes.
+peft_base, model0 = copy.deepcopy(model), copy.deepcopy(model)
 
 names = lora.find_targets(model, "all-linear")
 per_layer = len(names) // model.config.num_hidden_layers  # names are in model order: layer 0's come first
@@ -133,8 +136,9 @@ del full, part
 drift_tasks = ("a", "b") if args.drift_layers == 0 else ("a_part", "b_part")
 
 # ---------------------------------------------------------------- both sides set up
-log("setting up lora-pytorch's MultiTaskModel and a PeftModel with both adapters loaded")
+log("setting up lora-pytorch's MultiTaskModel (twice: merged weights cached, and always rebuilt) and a PeftModel")
 mt = lora.MultiTaskModel(model, dirs, tokenizer=tokenizer)
+mt0 = lora.MultiTaskModel(model0, dirs, tokenizer=tokenizer, merged_cache_bytes=0)
 weights = [model.get_submodule(n).weight for n in names]  # a -> b touches every module a or b targets: all of them
 originals = [w.detach().clone() for w in weights]  # the untouched weights: copy source and drift reference
 dst = [torch.empty_like(w) for w in weights]
@@ -156,7 +160,7 @@ def plain_copy():
 
 
 @torch.no_grad()
-def addmm_rebuild():  # what a switch must at least do: one fused W0 + s*B@A per weight, as MultiTaskModel._write
+def addmm_rebuild():  # the straightforward rebuild: one fused W0 + s*B@A per weight, in a loop
     for d, w0, m in zip(dst, originals, b_modules):
         if m.B.dtype != w0.dtype:  # float16 on CPU: MultiTaskModel rebuilds in float32 and rounds once
             d.copy_(torch.addmm(w0.float(), m.B, m.A, alpha=m.scaling))
@@ -174,28 +178,29 @@ def peft_cycle():
 
 
 def timing_round(n, with_peft):
-    """n interleaved rounds of: plain copy, addmm floor, switch to a, switch to b (and one PEFT cycle)."""
-    t = {k: [] for k in ("copy", "addmm", "switch", "peft")}
+    """n interleaved rounds of: plain copy, addmm floor, a -> b -> a both ways here (and one PEFT cycle)."""
+    t = {k: [] for k in ("copy", "addmm", "switch", "rebuild", "peft")}
     for _ in range(n):
         t["copy"].append(ms(plain_copy))
         t["addmm"].append(ms(addmm_rebuild))
         # One number per round, the mean of a -> b and b -> a, so it pairs with this round's copy.
         t["switch"].append((ms(lambda: mt.activate("a")) + ms(lambda: mt.activate("b"))) / 2)
+        t["rebuild"].append((ms(lambda: mt0.activate("a")) + ms(lambda: mt0.activate("b"))) / 2)
         if with_peft:
             t["peft"].append(ms(peft_cycle))
     return t
 
 
-log("warm-up")  # first touches allocate the pristine copies, page in weights, and load adapters into the caches
+log("warm-up")  # first switches allocate merged weights, page in weights, and load adapters into the caches
 with torch.no_grad():
     pm.merge_adapter()
 timing_round(1, True)
 log(f"timing {args.iterations} rounds: plain copy, addmm floor, 2 switches here, 1 PEFT unmerge+set_adapter+merge")
 small = timing_round(args.iterations, True)
 t_to_base, t_from_base = [], []
-for _ in range(max(3, args.iterations // 2)):
-    t_to_base.append(ms(lambda: mt.activate(None)))
-    t_from_base.append(ms(lambda: mt.activate("b")))
+for i in range(max(3, args.iterations // 2)):  # base -> the other task: a rebuild
+    t_to_base.append(ms(lambda: mt0.activate(None)))
+    t_from_base.append(ms(lambda: mt0.activate("ab"[i % 2])))
 
 log("PEFT hotswap_adapter: unmerged adapter 'a', its weights replaced in place")
 with torch.no_grad():
@@ -239,27 +244,29 @@ with torch.no_grad():
     agree_frac = agree_diff / sum(w.numel() for w in weights)
     mt.activate(None)
 # All the full-model switches so far, then back to base: every weight must be bitwise the original.
-full_exact = all(torch.equal(w, w0) for w, w0 in zip(weights, originals))
+mt0.activate(None)
+weights0 = [model0.get_submodule(n).weight for n in names]
+full_exact = all(torch.equal(w, w0) for ws in (weights, weights0) for w, w0 in zip(ws, originals))
 
 # ---------------------------------------------------------------- drift after many switches
 torch.set_num_threads(1)  # nothing here is timed, and one thread is fastest when other jobs share the cores
 log(f"lora-pytorch: drift after {args.switches} switches between {' and '.join(drift_tasks)} "
-    f"({len(drift_names)} modules)")
+    f"({len(drift_names)} modules), every one rebuilding the weights (merged_cache_bytes=0)")
 t0 = time.perf_counter()
 for i in range(args.switches):
-    mt.activate(drift_tasks[i % 2])
+    mt0.activate(drift_tasks[i % 2])
     if (i + 1) % 250 == 0:
         log(f"  {i + 1} switches, {(time.perf_counter() - t0) / (i + 1) * 1e3:.1f} ms each")
 last = drift_tasks[(args.switches - 1) % 2]
 # What the task sees now vs a single switch to it from the base: bitwise the same, by construction.
 ours_task_max = 0.0
-for n, m in mt.adapter(last).modules.items():
+for n, m in mt0.adapter(last).modules.items():
     w0 = originals[names.index(n)]
     fresh = torch.addmm(w0.float() if m.B.dtype != w0.dtype else w0, m.B, m.A, alpha=m.scaling).to(w0.dtype)
-    ours_task_max = max(ours_task_max, (model.get_submodule(n).weight.float() - fresh.float()).abs().max().item())
-mt.activate(None)
-ours_max = max((w.float() - w0.float()).abs().max().item() for w, w0 in zip(weights, originals))
-ours_changed = sum((w != w0).sum().item() for w, w0 in zip(weights, originals)) / sum(w.numel() for w in weights)
+    ours_task_max = max(ours_task_max, (model0.get_submodule(n).weight.float() - fresh.float()).abs().max().item())
+mt0.activate(None)
+ours_max = max((w.float() - w0.float()).abs().max().item() for w, w0 in zip(weights0, originals))
+ours_changed = sum((w != w0).sum().item() for w, w0 in zip(weights0, originals)) / sum(w.numel() for w in weights0)
 
 peft_layers = [m for n, m in pm.named_modules() if isinstance(m, PeftLoraLayer)
                and n.removeprefix("base_model.model.") in drift_names]
@@ -303,29 +310,33 @@ extra = max(0, args.tasks - 2)
 log(f"lora-pytorch: registering {extra} more tasks, timing switches again")
 # Registration is lazy (a name and a path; nothing is read until first use), so extra names pointing at the
 # checkpoints on disk make a registry as large as that many distinct ones would.
-t_register = ms(lambda: [mt.add_downstream(f"task{i:04d}", dirs["ab"[i % 2]]) for i in range(extra)])
+t_register = ms(lambda: [m.add_downstream(f"task{i:04d}", dirs["ab"[i % 2]]) for m in (mt, mt0) for i in range(extra)])
 big = timing_round(args.iterations, False)
 # Not cached yet: read the checkpoint (from the page cache here), validate it, convert it, then rebuild.
 t_cold = [ms(lambda: mt.activate(f"task{i:04d}")) for i in range(min(5, extra))]
 mt.activate(None)
 
 # ---------------------------------------------------------------- report
-sw, cp, cyc = small["switch"], small["copy"], small["peft"]
-r_copy, r_peft = paired(sw, cp), paired(cyc, sw)
+sw, rb, cp, cyc = small["switch"], small["rebuild"], small["copy"], small["peft"]
+targets = {kind: (paired(xs, cp), paired(cyc, xs), min(xs) / min(cp), min(cyc) / min(xs))
+           for kind, xs in (("cached", sw), ("rebuilding", rb))}
 n_tasks = len(mt.downstreams) - 2  # a_part and b_part are not part of the scaling check
 rows = [
-    ("switch between two cached tasks, 2 tasks registered", cell(sw), f"unmerge + set_adapter + merge: {cell(cyc)}",
-     f"PEFT {r_peft:.1f}x slower"),
-    (f"switch between two cached tasks, {n_tasks:,} tasks registered", cell(big["switch"]), "",
-     f"{paired(big['switch'], big['copy']):.2f}x copy (vs {r_copy:.2f}x with 2)"),
+    ("switch between two recently used tasks (merged weights cached: parameters re-pointed)", cell(sw),
+     f"unmerge + set_adapter + merge: {cell(cyc)}", f"PEFT {targets['cached'][1]:.0f}x slower"),
+    ("switch that rebuilds every touched weight (`merged_cache_bytes=0`)", cell(rb), "",
+     f"PEFT {targets['rebuilding'][1]:.1f}x slower"),
+    (f"the same two switches, {n_tasks:,} tasks registered", f"{med(big['switch']):.2f} / {med(big['rebuild']):.1f} ms",
+     "", f"rebuild {paired(big['rebuild'], big['copy']):.2f}x copy (vs {targets['rebuilding'][0]:.2f}x with 2)"),
     ("switch to a task not cached yet (read, validate, rebuild)", cell(t_cold), "", ""),
-    ("switch task -> base / base -> task", f"{med(t_to_base):.1f} / {med(t_from_base):.1f} ms", "", ""),
-    ("hotswap_adapter from disk (adapter stays unmerged)", "", cell(t_hot_disk), f"{med(t_hot_disk) / med(sw):.2f}x our switch"),
-    ("hotswap from a state dict in memory", "", cell(t_hot_mem), f"{med(t_hot_mem) / med(sw):.2f}x our switch"),
+    ("rebuilding: task -> base / base -> task", f"{med(t_to_base):.2f} / {med(t_from_base):.1f} ms", "", ""),
+    ("hotswap_adapter from disk (adapter stays unmerged)", "", cell(t_hot_disk),
+     f"{med(t_hot_disk) / med(rb):.2f}x our rebuild"),
+    ("hotswap from a state dict in memory", "", cell(t_hot_mem), f"{med(t_hot_mem) / med(rb):.2f}x our rebuild"),
     (f"floor: plain copy of the {touched_mb:.0f} MB of weights a switch touches", cell(cp), "",
-     f"switch = {r_copy:.2f}x copy"),
-    ("floor: one addmm W0 + s*B@A per touched weight", cell(small["addmm"]), "",
-     f"switch = {paired(sw, small['addmm']):.2f}x addmm"),
+     f"rebuild = {targets['rebuilding'][0]:.2f}x copy"),
+    ("floor: one addmm W0 + s*B@A per touched weight, in a loop", cell(small["addmm"]), "",
+     f"rebuild = {paired(rb, small['addmm']):.2f}x addmm"),
     (f"after {args.switches:,} switches, back to base: max abs change of base weights", f"{ours_max:g}", f"{peft_max:g}", ""),
     (f"after {args.switches:,} switches, back to base: base weight elements changed",
      f"{100 * ours_changed:g}%", f"{100 * peft_changed:.2f}%", ""),
@@ -342,14 +353,17 @@ print(f"| metric | lora-pytorch | PEFT {peft.__version__} | ratio |")
 print("|---|---|---|---|")
 for row in rows:
     print("| " + " | ".join(row) + " |")
-print(f"\nTargets: a switch within 3x of the plain copy of the weights it touches: {r_copy:.2f}x "
-      f"({'met' if r_copy <= 3 else 'MISSED'}); at least 10x faster than PEFT's unmerge + set_adapter + merge: "
-      f"{r_peft:.1f}x ({'met' if r_peft >= 10 else 'MISSED'}). Best-of-run ratios: {min(sw) / min(cp):.2f}x copy, "
-      f"PEFT {min(cyc) / min(sw):.1f}x slower.")
+for kind, (r_copy, r_peft, best_copy, best_peft) in targets.items():
+    print(f"\nTargets, {kind} switch: within 3x of the plain copy of the weights it touches: {r_copy:.2f}x "
+          f"({'met' if r_copy <= 3 else 'MISSED'}); at least 10x faster than PEFT's unmerge + set_adapter + merge: "
+          f"{r_peft:.1f}x ({'met' if r_peft >= 10 else 'MISSED'}). Best-of-run: {best_copy:.2f}x copy, "
+          f"PEFT {best_peft:.1f}x slower.")
 print(f"Medians (best) of {args.iterations} interleaved rounds, ratios are medians of per-round ratios. Drift: "
-      f"{args.switches:,} switches on {len(drift_names)} modules ({'all' if args.drift_layers == 0 else args.drift_layers} "
-      f"decoder layer(s)), both sides. All {len(names)} weights bitwise restored after every timed switch: "
-      f"{'yes' if full_exact else 'NO'}. Registering {extra:,} tasks took {t_register:.0f} ms.")
+      f"{args.switches:,} rebuilding switches on {len(drift_names)} modules ({'all' if args.drift_layers == 0 else args.drift_layers} "
+      f"decoder layer(s)), both sides. All {len(names)} weights bitwise restored after the timed switches, both ways: "
+      f"{'yes' if full_exact else 'NO'}. Registering {extra:,} tasks took {t_register:.0f} ms. Memory beyond the "
+      f"model: {touched_mb:.0f} MB of merged weights per cached task (at least the active one's, as with "
+      "merged_cache_bytes=0); the base weights themselves are never written and serve as the pristine copy.")
 print("PEFT base weight elements changed after " + ", ".join(f"{n:,}" for n in growth) + " switches: "
       + ", ".join(f"{100 * f:.2f}%" for f in growth.values()) + ".")
 print(f"Random adapters: mean |s*B@A| / mean |W| = {delta_ratio:.3f}. Task a's weights here vs PEFT's merge done once on "

@@ -169,7 +169,7 @@ def chat(mt, lines, task=None, prompt_format=None, max_new_tokens=None):
 
     settings = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     base_format = prompt_format or base_prompt_format(mt.tokenizer)
-    context = ""
+    context, used = "", {task}
     mt.activate(task)
     for line in lines:
         command, _, rest = line.strip().partition(" ")
@@ -191,7 +191,8 @@ def chat(mt, lines, task=None, prompt_format=None, max_new_tokens=None):
                 print(f"error: {e}")
                 continue
             task, done = name, time.perf_counter()
-            first_use = f" (read from disk first in {1e3 * (started - read):.0f} ms)" if started - read > 1e-3 else ""
+            first_use = "" if name in used else f" (read from disk first in {1e3 * (started - read):.0f} ms)"
+            used.add(name)
             print(f"switched to {task or 'base'} in {1e3 * (done - started):.1f} ms{first_use}")
         elif command == "/input":
             context = rest.strip()

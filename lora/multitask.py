@@ -1,10 +1,12 @@
 """One base model, many task adapters: a lazy adapter registry, exact weight swapping, and generation.
 
-Applying a task rebuilds each weight it targets from a pristine copy, W = W0 + s * B @ A, in one
-fused addmm. Nothing is ever subtracted, so any sequence of switches leaves bitwise the weights a
-single switch would: returning to the base restores W0 exactly, in any dtype. The cost is one extra
-copy of every weight some task has touched (kept on the model's device), and a switch touches only
-the layers the old or the new task targets.
+The base weights are never written. Applying a task builds its merged weights W = W0 + s * B @ A
+in separate tensors, one fused addmm per weight, and points each targeted parameter at them;
+going back points them at W0 again. Nothing is ever subtracted, so any sequence of switches leaves
+bitwise the weights a single switch would, in any dtype. The most recently used tasks keep their
+merged weights (`merged_cache_bytes`, 1 GiB by default, at least the active task's), so switching
+among them copies nothing; a switch to another task rebuilds only the layers that task targets,
+in the buffers of the least recently used one.
 """
 import contextlib
 import itertools
@@ -12,6 +14,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -26,6 +29,37 @@ GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 REQUEST_KEYS = ("downstream", "instruction", "input", "prompt", "prompt_format")
 MODES = ("merged", "mixed", "auto")  # how tasks share a batch: see plan_batches
 _tokens = itertools.count()
+_rebuild_pool = None  # created on the first multi-threaded switch, shared by every MultiTaskModel
+
+
+def run_in_parallel(jobs, threads):
+    """Run `jobs`, a list of (cost, fn), on `threads` workers with one torch thread each; wait for all.
+
+    Why: a rank-r addmm is too small for torch to split well across cores, but independent weights on
+    independent cores scale almost linearly (on 2 cores a switch takes about half the time). Jobs are
+    dealt largest first to the least loaded worker. Every job has finished, or never started, when
+    this returns or raises (the first job's exception, or a KeyboardInterrupt while waiting).
+    """
+    global _rebuild_pool
+    if threads <= 1 or len(jobs) <= 1:
+        for _, fn in jobs:
+            fn()
+        return
+    if _rebuild_pool is None:
+        _rebuild_pool = ThreadPoolExecutor(os.cpu_count(), "lora-rebuild", initializer=torch.set_num_threads,
+                                           initargs=(1,))
+    buckets = [[0, []] for _ in range(min(threads, len(jobs)))]
+    for cost, fn in sorted(jobs, key=lambda job: -job[0]):
+        bucket = min(buckets, key=lambda b: b[0])
+        bucket[0] += cost
+        bucket[1].append(fn)
+    futures = [_rebuild_pool.submit(lambda fns=fns: [fn() for fn in fns]) for _, fns in buckets]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        wait(futures)
+        raise
 
 
 def read_mapper(mapper):
@@ -105,11 +139,12 @@ class MultiTaskModel:
     model: a loaded model (then pass tokenizer) or a name/path for `lora.load_model` ("smollm2-135m").
     mapper: {task: checkpoint} JSON file, dict, or folder of checkpoints. Adapters load lazily into an
     LRU cache of at most `cache_bytes` on the model's device (plus `host_cache_bytes` in CPU memory
-    for models on an accelerator).
+    for models on an accelerator). Merged weights of recently used tasks are kept up to
+    `merged_cache_bytes` (0: only the active task's; every switch then rebuilds).
     """
 
     def __init__(self, model, mapper=None, device=None, dtype=None, tokenizer=None,
-                 cache_bytes=512 << 20, host_cache_bytes=2 << 30):
+                 cache_bytes=512 << 20, host_cache_bytes=2 << 30, merged_cache_bytes=1 << 30):
         if isinstance(model, (str, os.PathLike)):
             model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto")
         elif tokenizer is None:
@@ -121,10 +156,11 @@ class MultiTaskModel:
         self.cache_bytes, self.host_cache_bytes = cache_bytes, host_cache_bytes
         self._registry = {}  # task -> (checkpoint path, token unique to this registration)
         self._cache, self._host_cache = OrderedDict(), OrderedDict()  # task -> Adapter, least recent first
-        self._pristine = {}  # module name -> untouched copy of its weight
-        self._targets = {}  # module name -> (weight, transposed), see _target
-        self._applied = {}  # module name -> key of what its weight holds now (absent: pristine)
-        self._active, self._active_plan = None, {}
+        self.merged_cache_bytes = merged_cache_bytes
+        self._targets = {}  # module name -> (parameter, transposed, base weight), see _target
+        self._merged = OrderedDict()  # spec key -> {module name: merged weight}, least recent first
+        self._pointed = set()  # modules whose parameter holds a merged weight now
+        self._active, self._active_key = None, None
         self._fingerprints_ok = set()
         self._lock = threading.RLock()
         for name, path in read_mapper(mapper).items():
@@ -155,9 +191,11 @@ class MultiTaskModel:
             self._check_names([name])
             if self._active is not None and name in dict(self._active):
                 self._switch(None)
-            del self._registry[name]
+            token = self._registry.pop(name)[1]
             self._cache.pop(name, None)
             self._host_cache.pop(name, None)
+            for key in [k for k in self._merged if any(t == token for t, _ in k)]:
+                del self._merged[key]
 
     def _check_names(self, names):
         unknown = [n for n in names if n not in self._registry]
@@ -184,7 +222,7 @@ class MultiTaskModel:
         expected = adapter.task.get("base_fingerprint") or {}
         key = (expected.get("sha256"), tuple(expected.get("shapes", ())), tuple(adapter.modules))
         if key not in self._fingerprints_ok:
-            check_compatible(adapter, self.pretrained_model, self._pristine_weight)
+            check_compatible(adapter, self.pretrained_model, self._base_weight)
             self._fingerprints_ok.add(key)
         head = self.pretrained_model.get_output_embeddings()
         for module_name, m in adapter.modules.items():
@@ -196,12 +234,8 @@ class MultiTaskModel:
             check_prompt_format(adapter.prompt_format, f"prompt format of {path}")
         return self._to(adapter, "cpu")
 
-    def _pristine_weight(self, module_name):
-        pristine = self._pristine.get(module_name)
-        return pristine if pristine is not None else self.pretrained_model.get_submodule(module_name).weight
-
     def _to(self, adapter, device):
-        # fp16 addmm is very slow on CPU; such weights are rebuilt in float32 (see _write).
+        # fp16 addmm is very slow on CPU; such weights are rebuilt in float32 (see _merge).
         dtype = torch.float32 if (self.dtype == torch.float16 and self.device.type == "cpu") else self.dtype
         adapter.modules = {n: ModuleAdapter(m.A.to(device, dtype), m.B.to(device, dtype), m.scaling, m.embedding)
                            for n, m in adapter.modules.items()}
@@ -220,6 +254,10 @@ class MultiTaskModel:
                     self._host_cache.popitem(last=False)
 
     # ------------------------------------------------------------------ exact switching
+    # The base weights are never written. A task's merged weights W = W0 + s * B @ A are built in
+    # separate tensors, and switching points each targeted parameter at them (or back at W0), so any
+    # sequence of switches gives bitwise the weights a single one would. Recently used tasks keep
+    # their merged weights (up to merged_cache_bytes): switching among them copies nothing.
 
     def _normalize(self, spec):
         """None, a task name, or {task: weight} -> None or a sorted tuple of (task, weight)."""
@@ -234,73 +272,94 @@ class MultiTaskModel:
         self._check_names(list(spec))
         return tuple(sorted((k, float(v)) for k, v in spec.items()))
 
+    def _key(self, spec):
+        """What a spec's merged weights depend on: each task's registration (not just its name) and weight."""
+        return tuple((self._registry[name][1], weight) for name, weight in spec)
+
     def _plan(self, spec):
-        """{module: (key, B', A', alpha)} with W = W0 + alpha * B' @ A' in the weight's own layout."""
-        if spec is None:
-            return {}
+        """{module: (B', A', alpha)} with W = W0 + alpha * B' @ A' in the weight's own layout."""
         parts = {}
         for name, weight in spec:
-            token = self._registry[name][1]
             for module_name, m in self.adapter(name).modules.items():
-                parts.setdefault(module_name, []).append((token, weight, m))
+                parts.setdefault(module_name, []).append((weight, m))
         plan = {}
         for module_name, items in parts.items():
-            transposed = self._target(module_name)[1]
-            key = tuple((token, weight) for token, weight, _ in items)
             if len(items) == 1:
-                _, weight, m = items[0]
+                weight, m = items[0]
                 B, A, alpha = m.B, m.A, m.scaling * weight
             else:  # weighted sum of deltas as one low-rank product: [w1 s1 B1 | w2 s2 B2] @ [A1; A2]
-                B = torch.cat([m.B * (m.scaling * w) for _, w, m in items], dim=1)
-                A, alpha = torch.cat([m.A for _, _, m in items], dim=0), 1.0
-            plan[module_name] = (key, A.T, B.T, alpha) if transposed else (key, B, A, alpha)
+                B = torch.cat([m.B * (m.scaling * w) for w, m in items], dim=1)
+                A, alpha = torch.cat([m.A for _, m in items], dim=0), 1.0
+            plan[module_name] = (A.T, B.T, alpha) if self._target(module_name)[1] else (B, A, alpha)
         return plan
 
     def _target(self, module_name):
-        """(weight, stored transposed?) of a module, looked up once: switches run this for every layer."""
+        """(parameter, stored transposed?, base weight) of a module, looked up once, before any switch."""
         if module_name not in self._targets:
             module = self.pretrained_model.get_submodule(module_name)
-            self._targets[module_name] = (module.weight, weight_is_transposed(module))
+            self._targets[module_name] = (module.weight, weight_is_transposed(module), module.weight.data)
         return self._targets[module_name]
 
-    def _write(self, module_name, step):
-        weight = self._target(module_name)[0]
-        if module_name not in self._pristine:
-            self._pristine[module_name] = weight.detach().clone()
-        pristine = self._pristine[module_name]
-        if step is None:
-            weight.copy_(pristine)
-        elif step[1].dtype != weight.dtype:  # float16 on CPU: rebuild in float32, round once
-            weight.copy_(torch.addmm(pristine.float(), step[1], step[2], alpha=step[3]))
+    def _base_weight(self, module_name):
+        if module_name in self._targets:
+            return self._targets[module_name][2]
+        return self.pretrained_model.get_submodule(module_name).weight
+
+    def _point(self, merged):
+        """Point every parameter some task touched at `merged`'s tensor, or at its base weight."""
+        for name in self._pointed | merged.keys():
+            weight, _, base = self._targets[name]
+            weight.data = merged.get(name, base)
+        self._pointed = set(merged)
+
+    @staticmethod
+    @torch.no_grad()  # grad mode is per thread, and merges may run on worker threads
+    def _merge(out, base, step):
+        B, A, alpha = step
+        if B.dtype != base.dtype:  # float16 on CPU: rebuilt in float32 (see _to), rounded once
+            out.copy_(torch.addmm(base.float(), B, A, alpha=alpha))
         else:
-            torch.addmm(pristine, step[1], step[2], alpha=step[3], out=weight)
+            torch.addmm(base, B, A, alpha=alpha, out=out)
+
+    def _build(self, key, plan):
+        """Merged weights for a plan, in the buffers of least recently used tasks where there are some."""
+        need = sum(self._target(n)[2].nbytes for n in plan)
+        spare = {}
+        while self._merged and sum(t.nbytes for m in self._merged.values() for t in m.values()) + need \
+                > self.merged_cache_bytes:
+            victim_key, victim = self._merged.popitem(last=False)
+            if victim_key == self._active_key:  # its buffers are about to be rewritten: run on the base meanwhile
+                self._point({})
+                self._active, self._active_key = None, None
+            spare.update(victim)
+        merged = {n: spare.pop(n) if n in spare else torch.empty_like(self._target(n)[2]) for n in plan}
+        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
+        run_in_parallel([(out.numel(), lambda n=n, out=out: self._merge(out, self._target(n)[2], plan[n]))
+                         for n, out in merged.items()], threads)
+        self._merged[key] = merged
+        return merged
 
     @torch.no_grad()
     def _switch(self, spec):
         spec = self._normalize(spec)
-        # Reads and validates every adapter before any weight is touched.
-        plan = self._active_plan if spec == self._active else self._plan(spec)
-        previous_plan = self._active_plan
-        modules = [n for n in self._pristine if n in plan or n in self._applied] + \
-                  [n for n in plan if n not in self._pristine]
-        try:
-            for name in modules:
-                step = plan.get(name)
-                if self._applied.get(name) != (step and step[0]):
-                    self._applied.pop(name, None)  # unknown until the write completes
-                    self._write(name, step)
-                    if step:
-                        self._applied[name] = step[0]
-        except BaseException:
-            # Interrupted mid-switch: rebuild every layer to the previous task so no weight is half-switched.
-            for name in modules:
-                step = previous_plan.get(name)
-                self._write(name, step)
-                self._applied.pop(name, None)
-                if step:
-                    self._applied[name] = step[0]
-            raise
-        self._active, self._active_plan = spec, plan
+        if spec == self._active:
+            return
+        key = spec and self._key(spec)
+        merged = {} if spec is None else self._merged.get(key)
+        if merged is None:
+            plan = self._plan(spec)  # reads and validates every adapter before anything changes
+            previous = self._active
+            try:
+                merged = self._build(key, plan)
+            except BaseException:  # interrupted mid-build: the half-built weights were never pointed at
+                self._merged.pop(key, None)
+                if self._active != previous:  # its buffers were being reused: rebuild it
+                    self._switch(previous)
+                raise
+        elif spec is not None:
+            self._merged.move_to_end(key)
+        self._point(merged)
+        self._active, self._active_key = spec, key
 
     def activate(self, downstream):
         """Switch the base model to a task (None: the plain base; {task: weight}: a weighted sum) and stay."""

@@ -44,9 +44,10 @@ def multitask(tiny_llama, adapters, dtype=None, **kwargs):
     return lora.MultiTaskModel(model, adapters, tokenizer=tok, **kwargs)
 
 
+@pytest.mark.parametrize("merged_cache_bytes", [0, 1 << 30])  # 0: every switch rebuilds, in reused buffers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_thousand_switches_restore_base_bitwise(tiny_llama, adapters, dtype):
-    mt = multitask(tiny_llama, adapters, dtype=dtype)
+def test_thousand_switches_restore_base_bitwise(tiny_llama, adapters, dtype, merged_cache_bytes):
+    mt = multitask(tiny_llama, adapters, dtype=dtype, merged_cache_bytes=merged_cache_bytes)
     base = weights(mt.pretrained_model)
     applied = {}
     for task in adapters:
@@ -88,22 +89,25 @@ def test_merged_task_matches_unmerged_lora_and_weighted_sum(tiny_llama, adapters
     assert torch.allclose(w, w0 + 0.7 * qa.scaling * qa.B @ qa.A, atol=1e-6)
 
 
-def test_interrupted_switch_leaves_previous_task_exactly(tiny_llama, adapters, monkeypatch):
-    mt = multitask(tiny_llama, adapters)
+# threads=2: weights are built on worker threads; merged_cache_bytes=0: the previous task's buffers are reused
+@pytest.mark.parametrize("threads,merged_cache_bytes", [(1, 1 << 30), (1, 0), (2, 0)])
+def test_interrupted_switch_leaves_previous_task_exactly(tiny_llama, adapters, monkeypatch, threads,
+                                                         merged_cache_bytes):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
     mt.activate("qa")
     on_qa = weights(mt.pretrained_model)
-    real_write, calls = mt._write, {"n": 0}
+    real_merge, calls = mt._merge, {"n": 0}
 
-    def write_then_interrupt(name, step):
+    def merge_then_interrupt(out, base, step):
         calls["n"] += 1
-        if calls["n"] == 5:  # half-way through rebuilding the layers for "sum"
-            real_write(name, step)
+        real_merge(out, base, step)
+        if calls["n"] == 5:  # half-way through building the weights for "sum"
             raise KeyboardInterrupt
-        real_write(name, step)
-    monkeypatch.setattr(mt, "_write", write_then_interrupt)
+    monkeypatch.setattr(mt, "_merge", merge_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         mt.activate("sum")
-    monkeypatch.undo()
+    monkeypatch.undo()  # and back to one thread: the same task must give the same bits
     assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
     mt.activate("sum")
     mt.activate("qa")
@@ -157,6 +161,25 @@ def test_threads_get_the_outputs_of_sequential_calls(tiny_llama, adapters):
     assert got == expected
 
 
+def test_recent_tasks_keep_merged_weights_within_budget(tiny_llama, adapters, monkeypatch):
+    merges = []
+    one_task = multitask(tiny_llama, adapters)
+    one_task.activate("sum")  # all-linear: the largest merged weights of the three
+    budget = sum(t.nbytes for t in one_task._merged[one_task._active_key].values())
+    for merged_cache_bytes, rebuilt in [(3 * budget, 3), (budget, 5)]:
+        mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
+        monkeypatch.setattr(mt, "_merge", lambda out, base, step, real=mt._merge: merges.append(1) or real(out, base, step))
+        built = []
+        for task in ["qa", "sum", "tag", None, "qa", "sum"]:
+            before = len(merges)
+            mt.activate(task)
+            built.append(len(merges) > before)
+        assert sum(built) == rebuilt  # with room for all three, going back to a task rebuilds nothing
+        assert sum(t.nbytes for m in mt._merged.values() for t in m.values()) <= merged_cache_bytes
+        mt.activate("sum")
+        assert same(weights(mt.pretrained_model), weights(one_task.pretrained_model))
+
+
 def test_thousand_registered_adapters_load_lazily(tiny_llama, adapters, tmp_path):
     mapper = {}
     for i in range(1000):
@@ -177,7 +200,7 @@ def test_thousand_registered_adapters_load_lazily(tiny_llama, adapters, tmp_path
 
 def test_cache_is_bounded_in_bytes_and_evicts_least_recent(tiny_llama, adapters):
     one = lora.read_adapter(adapters["sum"]).nbytes
-    mt = multitask(tiny_llama, adapters, cache_bytes=one + 1)
+    mt = multitask(tiny_llama, adapters, cache_bytes=one + 1, merged_cache_bytes=0)  # every switch reads
     for task in ["qa", "sum", "tag", "qa"]:
         mt.activate(task)
     assert sum(a.nbytes for a in mt._cache.values()) <= one + 1 or len(mt._cache) == 1

@@ -147,7 +147,7 @@ def expedition(r):
     s4 = r.choice(["Two members of the team later wrote a book about the trip.",
                    "Everyone returned home safely despite several fierce storms."])
     qs = [(f"When did the expedition to {place} begin?", d), (f"Who led the expedition to {place}?", p),
-          (f"How many people were in the team besides the leader?" if "companions" in s1 else "How many explorers were in the team?", n),
+          ("How many people were in the team besides the leader?" if "companions" in s1 else "How many explorers were in the team?", n),
           ("How many days did the journey take?", k), ("How did the team mostly travel?", veh),
           ("What did the team find?", obj), (f"Where did {p}'s expedition start from?", city)]
     return [s1, s2, s3, s4], qs
