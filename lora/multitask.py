@@ -4,7 +4,7 @@ The base weights are never written. Applying a task builds its merged weights W 
 in separate tensors, one fused addmm per weight, and points each targeted parameter at them;
 going back points them at W0 again. Nothing is ever subtracted, so any sequence of switches leaves
 bitwise the weights a single switch would, in any dtype. The most recently used tasks keep their
-merged weights (`merged_cache_bytes`, 1 GiB by default, at least the active task's), so switching
+merged weights (`merged_cache_bytes`, 2 GiB by default, at least the active task's), so switching
 among them copies nothing; a switch to another task rebuilds only the layers that task targets,
 in the buffers of the least recently used one.
 """
@@ -144,7 +144,7 @@ class MultiTaskModel:
     """
 
     def __init__(self, model, mapper=None, device=None, dtype=None, tokenizer=None,
-                 cache_bytes=512 << 20, host_cache_bytes=2 << 30, merged_cache_bytes=1 << 30):
+                 cache_bytes=512 << 20, host_cache_bytes=2 << 30, merged_cache_bytes=2 << 30):
         if isinstance(model, (str, os.PathLike)):
             model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto")
         elif tokenizer is None:

@@ -119,8 +119,9 @@ def write_report(out_dir, summary):
               *size_table(summary), ""]
     if switches:
         lines += ["## Switching tasks", "",
-                  f"One `MultiTaskModel` answers the tasks in interleaved order. Each switch rebuilds the targeted "
-                  f"weights from a pristine copy (W = W0 + s·B·A); median switch time "
+                  f"One `MultiTaskModel` answers the tasks in interleaved order. The base weights are never "
+                  f"written: each task's merged weights (W = W0 + s·B·A) are built on first use and kept while they "
+                  f"fit in `merged_cache_bytes`, and a switch points the targeted parameters at them; median switch time "
                   f"**{statistics.median(switch_ms):.1f} ms** (max {max(switch_ms):.1f} ms).", "",
                   *switch_table(switches), ""]
     lines += ["## Example answers", "", "The first test example of each task.", ""]
