@@ -49,11 +49,14 @@ def add_arguments(p):
     p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: no limit)")
     p.add_argument("--max_seq_length", type=int, default=512)
     p.add_argument("--save_steps", type=int, default=0, help="also save step-K/ every K optimizer steps")
+    p.add_argument("--eval_steps", type=int, default=0,
+                   help="also compute the validation loss every K optimizer steps (it always runs after each "
+                        "epoch and at the end)")
     p.add_argument("--dtype", default="float32", help="base model dtype: float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     p.add_argument("--checkpoint_device", default="cpu", help="device resume state is loaded onto first")
     p.add_argument("--evaluate", default=None, action=argparse.BooleanOptionalAction,
-                   help="validation loss/perplexity each epoch (default: on when validation data is given)")
+                   help="validation loss/perplexity (default: on when validation data is given)")
     return p
 
 
@@ -168,6 +171,17 @@ def finetune(args):
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
+    validated_at = None
+
+    def validate(epoch_position):
+        nonlocal validated_at
+        if not evaluate or validated_at == step:
+            return
+        val_loss, ppl = evaluate_loss(model, val_set, args.batch_size, pad_id, device)
+        log(step=step, epoch=epoch_position, val_loss=val_loss, val_perplexity=ppl)
+        bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}", file=sys.stderr)
+        validated_at = step
+
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step", dynamic_ncols=True)
     epoch, done_in_epoch = start_epoch, skip
@@ -200,18 +214,18 @@ def finetune(args):
             log(step=step, epoch=epoch + (k + 1) / len(groups), loss=loss_sum, lr=lr, tokens_per_s=round(tps, 1))
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
             bar.update()
+            if args.eval_steps and step % args.eval_steps == 0:
+                validate(epoch + (k + 1) / len(groups))
             if args.save_steps and step % args.save_steps == 0:
                 save(f"step-{step}", epoch, k + 1)
         else:
             skip = done_in_epoch = 0
             epoch += 1
-            if evaluate:
-                val_loss, ppl = evaluate_loss(model, val_set, args.batch_size, pad_id, device)
-                log(step=step, epoch=epoch, val_loss=val_loss, val_perplexity=ppl)
-                bar.write(f"epoch {epoch}: validation loss {val_loss:.4f}, perplexity {ppl:.2f}", file=sys.stderr)
+            validate(epoch)
             save(f"epoch-{epoch}", epoch, 0)
             continue
-        break  # max_steps reached inside the epoch
+        validate(epoch + done_in_epoch / len(groups))  # max_steps reached inside the epoch
+        break
     bar.close()
     final = save("final", epoch, done_in_epoch)
     plot_losses({"run": metrics_path}, os.path.join(args.checkpoint_dir, "loss.png"))

@@ -38,6 +38,14 @@ def test_seed_command_trains_and_loss_goes_down(tiny_llama, task_dir, tmp_path):
     assert task["training_args"]["num_epochs"] == 3
 
 
+def test_validation_every_eval_steps_after_each_epoch_and_where_max_steps_stops(tiny_llama, task_dir, tmp_path):
+    argv = finetune_argv(tiny_llama, task_dir, tmp_path / "c", "--num_epochs", 2, "--max_steps", 9, "--eval_steps", 4,
+                         "--validation_data_path", task_dir / "validation.json")  # 48 examples: 6 steps an epoch
+    assert main(["finetune", *argv]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "c" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "val_loss" in r] == [4, 6, 8, 9]
+
+
 def test_gpt2_and_lora_cli_entry_point(tiny_gpt2, tmp_path):
     from tests.conftest import write_task
     task = write_task(tmp_path / "task", targets="c_attn\n")
