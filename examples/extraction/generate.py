@@ -16,7 +16,11 @@ rebuilds train.json / validation.json / test.json byte-for-byte.
 """
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/, for splits.py
+from splits import write_splits  # noqa: E402
 
 SEED = 4242
 SIZES = {"train": 64, "validation": 24, "test": 60}  # sized for `make demo` on 2 CPU cores
@@ -98,20 +102,7 @@ def make_example(r):
 
 def main():
     r = random.Random(SEED)
-    pool, seen = [], set()
-    while len(pool) < sum(SIZES.values()):
-        ex = make_example(r)
-        if (ex["instruction"], ex["input"]) in seen:
-            continue
-        seen.add((ex["instruction"], ex["input"]))
-        pool.append(ex)
-    start = 0
-    for split in ("test", "validation", "train"):
-        rows = pool[start:start + SIZES[split]]
-        start += SIZES[split]
-        path = OUT_DIR / f"{split}.json"
-        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {len(rows)} examples to {path}")
+    write_splits(lambda: make_example(r), SIZES, OUT_DIR)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ and the answer in `output`: an exact 1-4 word span copied from the context
 Stdlib only and fully seeded, so `python examples/question_answering/generate.py`
 rebuilds train.json / validation.json / test.json byte-for-byte.
 """
-import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/, for splits.py
+from splits import write_splits  # noqa: E402
 
 SEED = 1234
 SIZES = {"train": 64, "validation": 24, "test": 60}  # sized for `make demo` on 2 CPU cores
@@ -233,21 +236,7 @@ def make_example(r):
 
 def main():
     r = random.Random(SEED)
-    pool, seen = [], set()  # holds (instruction, input) pairs and bare contexts
-    while len(pool) < sum(SIZES.values()):
-        ex = make_example(r)
-        # Dedupe on the pair, and use each context once so no context is shared between splits.
-        if (ex["instruction"], ex["input"]) in seen or ex["input"] in seen:
-            continue
-        seen.update([(ex["instruction"], ex["input"]), ex["input"]])
-        pool.append(ex)
-    start = 0
-    for split in ("test", "validation", "train"):
-        rows = pool[start:start + SIZES[split]]
-        start += SIZES[split]
-        path = OUT_DIR / f"{split}.json"
-        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {len(rows)} examples to {path}")
+    write_splits(lambda: make_example(r), SIZES, OUT_DIR)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ predictable from the text and a finetuned model can reach a high ROUGE-L.
 Stdlib only and fully seeded, so `python examples/summarization/generate.py`
 rebuilds train.json / validation.json / test.json byte-for-byte.
 """
-import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/, for splits.py
+from splits import write_splits  # noqa: E402
 
 SEED = 2024
 SIZES = {"train": 64, "validation": 24, "test": 60}  # sized for `make demo` on 2 CPU cores
@@ -217,21 +220,7 @@ def make_example(r):
 
 def main():
     r = random.Random(SEED)
-    pool, seen = [], set()  # holds (instruction, input) pairs and bare story texts
-    while len(pool) < sum(SIZES.values()):
-        ex = make_example(r)
-        # Dedupe on the pair, and use each story once so no story is shared between splits.
-        if (ex["instruction"], ex["input"]) in seen or ex["input"] in seen:
-            continue
-        seen.update([(ex["instruction"], ex["input"]), ex["input"]])
-        pool.append(ex)
-    start = 0
-    for split in ("test", "validation", "train"):
-        rows = pool[start:start + SIZES[split]]
-        start += SIZES[split]
-        path = OUT_DIR / f"{split}.json"
-        path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"wrote {len(rows)} examples to {path}")
+    write_splits(lambda: make_example(r), SIZES, OUT_DIR)
 
 
 if __name__ == "__main__":
