@@ -57,8 +57,9 @@ def plot_metrics(rows, png_path, title="Base model vs LoRA adapter"):
     for bars in (base, tuned):
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(list(xs), [f"{r[0]}\n({r[1]})" for r in rows])
-    ax.set(ylim=(0, 1.1), ylabel="score", title=title)
-    ax.legend()
+    ax.set(ylim=(0, 1.25), ylabel="score", title=title)  # headroom: the legend sits above the bars
+    ax.set_yticks([i / 5 for i in range(6)])
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

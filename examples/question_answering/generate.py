@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/, fo
 from splits import write_splits  # noqa: E402
 
 SEED = 1234
-SIZES = {"train": 64, "validation": 24, "test": 60}  # sized for `make demo` on 2 CPU cores
+SIZES = {"train": 320, "validation": 24, "test": 60}
 OUT_DIR = Path(__file__).resolve().parent
 
 FIRST = ["Ana", "Tomas", "Priya", "Kwame", "Mei", "Oliver", "Fatima", "Lars", "Sofia", "Diego",
