@@ -14,7 +14,6 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -29,39 +28,6 @@ GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 REQUEST_KEYS = ("downstream", "instruction", "input", "prompt", "prompt_format")
 MODES = ("merged", "mixed", "auto")  # how tasks share a batch: see plan_batches
 _tokens = itertools.count()
-_rebuild_pool = None  # created on the first multi-threaded switch, shared by every MultiTaskModel
-
-
-def run_in_parallel(jobs, threads):
-    """Run `jobs`, a list of (cost, fn), on `threads` workers with one torch thread each; wait for all.
-
-    Why: a rank-r addmm is too small for torch to split well across cores, but independent weights on
-    independent cores scale almost linearly (on 2 cores a switch takes about half the time). Jobs are
-    dealt largest first to the least loaded worker. Every job has finished, or never started, when
-    this returns or raises (the first job's exception, or a KeyboardInterrupt while waiting).
-    """
-    global _rebuild_pool
-    if threads <= 1 or len(jobs) <= 1:
-        for _, fn in jobs:
-            fn()
-        return
-    if _rebuild_pool is None:
-        _rebuild_pool = ThreadPoolExecutor(os.cpu_count(), "lora-rebuild", initializer=torch.set_num_threads,
-                                           initargs=(1,))
-    buckets = [[0, []] for _ in range(min(threads, len(jobs)))]
-    for cost, fn in sorted(jobs, key=lambda job: -job[0]):
-        bucket = min(buckets, key=lambda b: b[0])
-        bucket[0] += cost
-        bucket[1].append(fn)
-    futures = [_rebuild_pool.submit(lambda fns=fns: [fn() for fn in fns]) for _, fns in buckets]
-    try:
-        for future in futures:
-            future.result()
-    except BaseException:
-        wait(futures)
-        raise
-
-
 def read_mapper(mapper):
     """{task: checkpoint dir} from a JSON file (paths relative to it), a dict, or a folder of checkpoints."""
     if mapper is None:
@@ -313,7 +279,6 @@ class MultiTaskModel:
         self._pointed = set(merged)
 
     @staticmethod
-    @torch.no_grad()  # grad mode is per thread, and merges may run on worker threads
     def _merge(out, base, step):
         B, A, alpha = step
         if B.dtype != base.dtype:  # float16 on CPU: rebuilt in float32 (see _to), rounded once
@@ -333,9 +298,8 @@ class MultiTaskModel:
                 self._active, self._active_key = None, None
             spare.update(victim)
         merged = {n: spare.pop(n) if n in spare else torch.empty_like(self._target(n)[2]) for n in plan}
-        threads = torch.get_num_threads() if self.device.type == "cpu" else 1
-        run_in_parallel([(out.numel(), lambda n=n, out=out: self._merge(out, self._target(n)[2], plan[n]))
-                         for n, out in merged.items()], threads)
+        for name, out in merged.items():
+            self._merge(out, self._target(name)[2], plan[name])
         self._merged[key] = merged
         return merged
 
