@@ -280,6 +280,7 @@ class MultiTaskModel:
 
     @staticmethod
     def _merge(out, base, step):
+        """out = base + alpha * B @ A, one fused addmm."""
         B, A, alpha = step
         if B.dtype != base.dtype:  # float16 on CPU: rebuilt in float32 (see _to), rounded once
             out.copy_(torch.addmm(base.float(), B, A, alpha=alpha))
@@ -316,7 +317,6 @@ class MultiTaskModel:
             try:
                 merged = self._build(key, plan)
             except BaseException:  # interrupted mid-build: the half-built weights were never pointed at
-                self._merged.pop(key, None)
                 if self._active != previous:  # its buffers were being reused: rebuild it
                     self._switch(previous)
                 raise
