@@ -5,8 +5,8 @@ in separate tensors, one fused addmm per weight, and points each targeted parame
 going back points them at W0 again. Nothing is ever subtracted, so any sequence of switches leaves
 bitwise the weights a single switch would, in any dtype. The most recently used tasks keep their
 merged weights (`merged_cache_bytes`, 2 GiB by default, at least the active task's), so switching
-among them copies nothing; a switch to another task rebuilds only the layers that task targets,
-in the buffers of the least recently used one.
+among them copies nothing; a switch to another task builds only the layers that task targets, in
+new buffers or, once the cache is full, in those of the least recently used task.
 """
 import contextlib
 import itertools
