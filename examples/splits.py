@@ -1,8 +1,10 @@
 """Write a generated task's test/validation/train files; shared by the examples' generate.py scripts (stdlib only)."""
 import json
 
+SIZES = {"train": 320, "validation": 24, "test": 60}  # examples per split, for every example task
 
-def write_splits(make_example, sizes, folder):
+
+def write_splits(make_example, folder, sizes=SIZES):
     """Draw examples until every split is full, then write <split>.json for test, validation and train, in that order.
 
     An example whose (instruction, input) pair, or whose non-empty input, was drawn before is skipped, so no

@@ -28,6 +28,8 @@ GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
 REQUEST_KEYS = ("downstream", "instruction", "input", "prompt", "prompt_format")
 MODES = ("merged", "mixed", "auto")  # how tasks share a batch: see plan_batches
 _tokens = itertools.count()
+
+
 def read_mapper(mapper):
     """{task: checkpoint dir} from a JSON file (paths relative to it), a dict, or a folder of checkpoints."""
     if mapper is None:
@@ -219,11 +221,7 @@ class MultiTaskModel:
                 while sum(a.nbytes for a in self._host_cache.values()) > self.host_cache_bytes:
                     self._host_cache.popitem(last=False)
 
-    # ------------------------------------------------------------------ exact switching
-    # The base weights are never written. A task's merged weights W = W0 + s * B @ A are built in
-    # separate tensors, and switching points each targeted parameter at them (or back at W0), so any
-    # sequence of switches gives bitwise the weights a single one would. Recently used tasks keep
-    # their merged weights (up to merged_cache_bytes): switching among them copies nothing.
+    # ------------------------------------------------------------------ exact switching (see the module docstring)
 
     def _normalize(self, spec):
         """None, a task name, or {task: weight} -> None or a sorted tuple of (task, weight)."""

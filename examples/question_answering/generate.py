@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/, fo
 from splits import write_splits  # noqa: E402
 
 SEED = 1234
-SIZES = {"train": 320, "validation": 24, "test": 60}
 OUT_DIR = Path(__file__).resolve().parent
 
 FIRST = ["Ana", "Tomas", "Priya", "Kwame", "Mei", "Oliver", "Fatima", "Lars", "Sofia", "Diego",
@@ -236,7 +235,7 @@ def make_example(r):
 
 def main():
     r = random.Random(SEED)
-    write_splits(lambda: make_example(r), SIZES, OUT_DIR)
+    write_splits(lambda: make_example(r), OUT_DIR)
 
 
 if __name__ == "__main__":
