@@ -312,13 +312,11 @@ class MultiTaskModel:
         return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
 
     def mix(self, tasks):
-        """Unmerged mode: the base weights plus hooks adding to each token its own task's update.
+        """Unmerged mode's hooks for a set of tasks, built once and attached per forward (see MixedAdapters).
 
-        Returns a `MixedAdapters` over `tasks`; call `.select(index)` before each forward (0: base, i + 1:
-        tasks[i], one per token or per row) and `.remove()` when done.
+        Run them over the base weights: `mt.activate(None)`, `.select(index)`, then `with .attached():`.
         """
         with self.lock:
-            self._switch(None)
             return MixedAdapters(self.pretrained_model, tasks, [self.adapter(t) for t in tasks])
 
     @contextlib.contextmanager
@@ -334,10 +332,11 @@ class MultiTaskModel:
             mixed = self.mix(tasks)
             mixed.select(torch.tensor([0 if t is None else tasks.index(t) + 1 for t in row_tasks],
                                       device=self.device)[:, None])
+            self._switch(None)
             try:
-                yield self.pretrained_model
+                with mixed.attached():
+                    yield self.pretrained_model
             finally:
-                mixed.remove()
                 self._switch(previous)
 
     # ------------------------------------------------------------------ generation, through lora.engine
@@ -412,7 +411,7 @@ class MixedAdapters:
         for i, adapter in enumerate(adapters, 1):
             for name, m in adapter.modules.items():
                 per_module.setdefault(name, []).append((i, m))
-        self._handles = []
+        self._hooks = []
         for name, items in per_module.items():
             A = torch.cat([m.A.float() for _, m in items]).T  # (in, total rank)
             B = torch.cat([m.B.float() for _, m in items], dim=1).T  # (total rank, out)
@@ -422,13 +421,18 @@ class MixedAdapters:
                 scales[i, start:start + m.A.shape[0]] = m.scaling
                 start += m.A.shape[0]
             module = model.get_submodule(name)
-            hook = mixed_update_hook(A, B, scales, self, isinstance(module, torch.nn.Embedding))
-            self._handles.append(module.register_forward_hook(hook))
+            self._hooks.append((module, mixed_update_hook(A, B, scales, self, isinstance(module, torch.nn.Embedding))))
 
     def select(self, index):
         """Which task each token (or row) uses from now on: 0 for the base, i + 1 for tasks[i]."""
         self.index = index
 
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
+    @contextlib.contextmanager
+    def attached(self):
+        """The hooks on the model for one forward (or one `with` block), and never left behind."""
+        handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
