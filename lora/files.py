@@ -21,6 +21,10 @@ class OutsideRootError(LoraError):
     """A file that is not inside the allowed root when it is opened (the server answers 403)."""
 
 
+class MissingFileError(LoraError):
+    """The file does not exist (callers with optional files, or a better hint, catch this one)."""
+
+
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO for reading would otherwise wait for a writer
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -38,7 +42,9 @@ def _kind(mode):
 
 
 def _open_error(e, what, path):
-    reason = {errno.ENOENT: "does not exist", errno.EACCES: "is not readable (permission denied)",
+    if e.errno == errno.ENOENT:
+        return MissingFileError(f"{what} {path} does not exist")
+    reason = {errno.EACCES: "is not readable (permission denied)",
               errno.ENOTDIR: "has a path component that is not a directory"}.get(e.errno, f"cannot be opened ({e.strerror})")
     return LoraError(f"{what} {path} {reason}")
 
