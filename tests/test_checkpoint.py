@@ -320,3 +320,15 @@ def test_leftovers_of_older_versions_are_cleaned_and_the_checkpoint_put_back(goo
     saved(tiny_llama, tmp_path, "step-130")
     assert sorted(os.listdir(tmp_path)) == [".notes.tmp-dir", "step-120", "step-130"]
     assert torch.equal(weights_of(tmp_path / "step-120"), weights_of(good_checkpoint))
+
+
+def test_training_state_is_read_safely(good_checkpoint, tmp_path):
+    path = shutil.copytree(good_checkpoint, tmp_path / "ckpt")
+    assert checkpoint.load_training_state(path) is None  # none saved: a fresh run from these weights
+    torch.save([torch.zeros(2)], path / "training_state.pt")
+    with pytest.raises(lora.LoraError, match="training_state.pt holds a list, not a training state"):
+        checkpoint.load_training_state(path)
+    os.remove(path / "training_state.pt")
+    os.mkfifo(path / "training_state.pt")
+    with pytest.raises(lora.LoraError, match="training_state.pt is a named pipe"):
+        checkpoint.load_training_state(path)
