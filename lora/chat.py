@@ -50,6 +50,24 @@ def chat_messages(turns, data_format, where):
     return messages
 
 
+def chat_record(rec, data_format, where):
+    """A training record's conversation as OpenAI messages; it must hold an assistant turn to learn from.
+
+    A ShareGPT record may give its system message as a top-level "system" string (as LLaMA-Factory reads it).
+    """
+    field, role_key, text_key, _ = TURNS[data_format]
+    turns = rec.get(field)
+    if data_format == "sharegpt" and "system" in rec:
+        if not isinstance(rec["system"], str):
+            raise LoraError(f"{where}: 'system' must be a string")
+        if isinstance(turns, list) and turns and not (isinstance(turns[0], dict) and turns[0].get(role_key) == "system"):
+            turns = [{role_key: "system", text_key: rec["system"]}] + turns
+    messages = chat_messages(turns, data_format, where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LoraError(f"{where}: {field!r} has no assistant turn, so there is nothing to learn")
+    return messages
+
+
 def encode_chat(tokenizer, messages, where, add_generation_prompt=False):
     """(ids, answer): token ids of a conversation and, per token, whether it belongs to an assistant answer.
 
