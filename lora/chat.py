@@ -55,14 +55,13 @@ def chat_record(rec, data_format, where):
 
     A ShareGPT record may give its system message as a top-level "system" string (as LLaMA-Factory reads it).
     """
-    field, role_key, text_key, _ = TURNS[data_format]
-    turns = rec.get(field)
-    if data_format == "sharegpt" and "system" in rec:
-        if not isinstance(rec["system"], str):
-            raise LoraError(f"{where}: 'system' must be a string")
-        if isinstance(turns, list) and turns and not (isinstance(turns[0], dict) and turns[0].get(role_key) == "system"):
-            turns = [{role_key: "system", text_key: rec["system"]}] + turns
-    messages = chat_messages(turns, data_format, where)
+    field = TURNS[data_format][0]
+    messages = chat_messages(rec.get(field), data_format, where)
+    system = rec.get("system") if data_format == "sharegpt" else None
+    if system is not None and not isinstance(system, str):
+        raise LoraError(f"{where}: 'system' must be a string")
+    if system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
     if not any(m["role"] == "assistant" for m in messages):
         raise LoraError(f"{where}: {field!r} has no assistant turn, so there is nothing to learn")
     return messages

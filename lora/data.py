@@ -160,7 +160,8 @@ def load_examples(path, tokenizer, max_length, *, data_format="auto", prompt_for
                 "system_prompt": systems.pop() if len(systems) == 1 else None}
     examples, truncated, dropped = [], 0, 0
     for ids, answer in encoded:
-        if answer.index(True) >= max_length:
+        first_answer = next((k for k, is_answer in enumerate(answer) if is_answer), len(ids))
+        if first_answer >= min(len(ids), max_length):
             dropped += 1
             continue
         truncated += len(ids) > max_length
