@@ -21,6 +21,7 @@ import torch
 from .checkpoint import ModuleAdapter, check_compatible, read_adapter
 from .data import check_prompt_format
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, read_text
 from .layers import mixed_update_hook, weight_is_transposed
 from .models import load_model
 
@@ -43,11 +44,8 @@ def read_mapper(mapper):
         return {e.name: e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
                 if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))}
     try:
-        with open(mapper, encoding="utf-8") as f:
-            entries = json.load(f)
-    except OSError as e:
-        raise LoraError(f"cannot read checkpoint mapper {mapper}: {e.strerror}") from None
-    except ValueError as e:
+        entries = json.loads(read_text(mapper, what="checkpoint mapper", max_bytes=MAX_JSON_BYTES))
+    except (ValueError, RecursionError) as e:
         raise LoraError(f"checkpoint mapper {mapper} is not valid JSON ({e})") from None
     if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
         raise LoraError(f"checkpoint mapper {mapper} must be a JSON object {{task name: checkpoint directory}}")
