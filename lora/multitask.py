@@ -19,7 +19,6 @@ from collections import OrderedDict
 import torch
 
 from .checkpoint import ModuleAdapter, check_compatible, read_adapter
-from .data import check_prompt_format
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, read_text
 from .layers import mixed_update_hook, weight_is_transposed
@@ -144,7 +143,7 @@ class MultiTaskModel:
 
     def _read(self, name):
         path, _, root = self._registry[name]
-        adapter = read_adapter(path) if root is None else read_adapter(path, root=root)
+        adapter = read_adapter(path, root=root)
         expected = adapter.task.get("base_fingerprint") or {}
         key = (expected.get("sha256"), tuple(expected.get("shapes", ())), tuple(adapter.modules))
         if key not in self._fingerprints_ok:
@@ -156,8 +155,6 @@ class MultiTaskModel:
             if m.embedding and head is not None and head.weight is weight:
                 raise LoraError(f"task {name!r} adapts {module_name}, whose weight is tied to the output head; "
                                 "merging would change the head too, so train it without the embedding")
-        if adapter.prompt_format:
-            check_prompt_format(adapter.prompt_format, f"prompt format of {path}")
         self._meta = {**self._meta, name: dict(adapter.task)}
         return self._to(adapter, "cpu")
 
