@@ -228,10 +228,8 @@ def kv_bytes_per_token(config, dtype):
 
 
 def sample(logits, seq):
-    """The next token of one sequence from its logits (float32), as its sampling parameters say."""
+    """The next token of one sequence from its logits (float32), with temperature, top-k and top-p."""
     s = seq.sampling
-    if s.temperature == 0:
-        return int(logits.argmax())
     logits = logits / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -382,10 +380,12 @@ class Engine:
             seq.computed = end
             self.counters["prompt_tokens_total"] += end - start
         sampled = decode + [seq for seq, _, end in chunks if end == len(seq.prompt)]
-        for seq, row in zip(sampled, logits):
+        for i, seq in enumerate(sampled):
             if len(seq.tokens) < seq.sampling.min_tokens:
-                row[self.eos] = -math.inf
-            self._append(seq, sample(row, seq))
+                logits[i, self.eos] = -math.inf
+        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
+        for i, seq in enumerate(sampled):
+            self._append(seq, greedy[i] if seq.sampling.temperature == 0 else sample(logits[i], seq))
         self._release()
         return True
 
