@@ -1,4 +1,4 @@
-"""The finetune command: one LoRA adapter per downstream task.
+"""The finetune command: one LoRA adapter per downstream task, from Alpaca or chat data.
 
 Two halves, read top to bottom: `setup` turns the arguments into a `Run` (data, model + adapter,
 optimizer, scheduler, resume state), and `fit` is the loop: one optimizer step, log, validate, save,
@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import load_adapter, load_training_state, save_adapter
-from .data import collate, load_dataset, load_prompt_format, pad_token_id
+from .data import (FORMAT_KEYS, check_packing, collate, length_grouped_batches, load_examples, load_prompt_format,
+                   pack, pad_token_id)
 from .errors import LoraError
 from .inject import find_targets, inject, lora_parameters, read_target_modules
 from .loss import CausalLMLoss, logits_are_head_of_hidden, target_count
@@ -35,7 +36,8 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Flags whose change on resume makes a different run than the one the checkpoint belongs to.
 RUN_SETTINGS = ("seed", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps", "num_epochs", "max_steps",
-                "max_seq_length", "lora_dropout", "max_grad_norm", "mixed_precision", "dtype")
+                "max_seq_length", "lora_dropout", "max_grad_norm", "mixed_precision", "dtype", "train_on_inputs",
+                "packing", "group_by_length")
 
 
 # ---------------------------------------------------------------- arguments
@@ -44,8 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The seed's flags, plus the ones PEFT/transformers/TRL users expect."""
     p.add_argument("--model_name_or_path", required=True, help="local HF model folder, or smollm2-135m")
     p.add_argument("--target_modules_path", required=True, help="text file: one module name/suffix/regex per line, or all-linear")
-    p.add_argument("--prompt_format_path", required=True, help="text file with {instruction} and optionally {input}")
-    p.add_argument("--train_data_path", required=True, help="Alpaca-format JSON list or JSONL")
+    p.add_argument("--prompt_format_path",
+                   help="text file with {instruction} and optionally {input} (Alpaca data only; chat data uses the "
+                        "tokenizer's chat template)")
+    p.add_argument("--train_data_path", required=True,
+                   help="JSON list or JSONL of Alpaca records, OpenAI-style messages or ShareGPT conversations")
+    p.add_argument("--data_format", default="auto", choices=["auto", *FORMAT_KEYS],
+                   help="the records' format (auto: from the first record)")
+    p.add_argument("--train_on_inputs", action="store_true",
+                   help="loss on prompts too, not only on answers (each assistant turn and its end-of-turn token)")
+    p.add_argument("--packing", action="store_true",
+                   help="pack examples into rows of --max_seq_length; attention does not cross examples")
+    p.add_argument("--group_by_length", action="store_true",
+                   help="batch examples of similar length together (less padding); still a function of seed and epoch")
     p.add_argument("--validation_data_path", help="data for the validation loss/perplexity")
     p.add_argument("--checkpoint_dir", default="checkpoint", help="where epoch-N/, step-K/, best/ and final/ go")
     p.add_argument("--load_from_checkpoint", default="", help="checkpoint to resume from (or to start from)")
@@ -95,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def finetune_args(**kwargs) -> argparse.Namespace:
     """The same arguments as a Namespace, for library use: lora.finetune(finetune_args(...))."""
-    required = ("model_name_or_path", "target_modules_path", "prompt_format_path", "train_data_path")
+    required = ("model_name_or_path", "target_modules_path", "train_data_path")
     argv = [f"--{k}={kwargs.pop(k)}" for k in required if k in kwargs]
     args = add_arguments(argparse.ArgumentParser()).parse_args(argv)
     for key, value in kwargs.items():
@@ -123,6 +136,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise LoraError("--evaluate needs --validation_data_path")
     if args.early_stopping_patience and not (args.validation_data_path and args.evaluate is not False):
         raise LoraError("--early_stopping_patience watches the validation loss: add --validation_data_path")
+    if args.packing and args.group_by_length:
+        raise LoraError("--group_by_length has nothing to group with --packing (packed rows are all about "
+                        "--max_seq_length long); use one of them")
 
 
 # ---------------------------------------------------------------- setup
@@ -140,12 +156,11 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    train_set: list
+    train_set: list  # examples, or packed rows with --packing
     val_set: list
     pad_id: int
     task_meta: dict
     settings: dict
-    steps_per_epoch: int
     total_steps: int
     metrics_path: str
     step: int = 0
@@ -193,7 +208,8 @@ def run_settings(args, world_size, task_meta) -> dict:
 def changed_settings(old: dict, new: dict) -> list[str]:
     """Each setting that differs, as a phrase naming its flag."""
     names = {"global_batch_size": "global batch size (--batch_size x processes x --gradient_accumulation_steps)",
-             "train_data_sha256": "--train_data_path contents", "task": "prompt format / data format"}
+             "train_data_sha256": "--train_data_path contents",
+             "task": "prompt format, data format or system prompt"}
     return [f"{names.get(k, '--' + k)} was {old[k]!r}, now {new[k]!r}" if k not in ("train_data_sha256", "task")
             else f"{names[k]} changed" for k in new if k in old and old[k] != new[k]]
 
@@ -239,13 +255,17 @@ def resume(run: Run, state: dict) -> None:
         print(f"Resuming from {args.load_from_checkpoint} at epoch {run.epoch}, step {run.step}", file=sys.stderr)
 
 
-def load_data(args, tokenizer, path):
-    """Tokenized examples of one data file; notes about examples that did not fit go to stderr."""
-    prompt_format = load_prompt_format(args.prompt_format_path)
-    examples, cut = load_dataset(path, tokenizer, prompt_format, args.max_seq_length)
-    if cut and distributed.rank() == 0:
-        print(f"note: {cut} example(s) of {path} cut to --max_seq_length {args.max_seq_length}", file=sys.stderr)
-    return examples, {"prompt_format": prompt_format}
+def load_data(args, tokenizer, path, data_format):
+    """Tokenized examples of one data file and load_examples' info; notes about examples that did not fit."""
+    prompt_format = load_prompt_format(args.prompt_format_path) if args.prompt_format_path else None
+    examples, info = load_examples(path, tokenizer, args.max_seq_length, data_format=data_format,
+                                   prompt_format=prompt_format, train_on_inputs=args.train_on_inputs)
+    if distributed.rank() == 0:
+        for count, what in ((info["truncated"], "cut to"), (info["dropped"], "dropped: the prompt alone is over")):
+            if count:
+                print(f"note: {count} example(s) of {path} {what} --max_seq_length {args.max_seq_length}",
+                      file=sys.stderr)
+    return examples, info
 
 
 def cap_max_seq_length(args, model) -> None:
@@ -282,10 +302,14 @@ def setup(args: argparse.Namespace) -> Run:
         distributed.barrier()
     cap_max_seq_length(args, model)
     pad_id = pad_token_id(tokenizer)
-    train_set, task_meta = load_data(args, tokenizer, args.train_data_path)
+    train_set, info = load_data(args, tokenizer, args.train_data_path, args.data_format)
+    task_meta = info["task"]
     if args.evaluate is None:
         args.evaluate = bool(args.validation_data_path)
-    val_set = load_data(args, tokenizer, args.validation_data_path)[0] if args.evaluate else []
+    val_set = load_data(args, tokenizer, args.validation_data_path, info["format"])[0] if args.evaluate else []
+    if args.packing:
+        check_packing(model)
+        train_set = pack(train_set, args.max_seq_length)
 
     target_names = find_targets(model, targets)
     state = None
@@ -314,7 +338,7 @@ def setup(args: argparse.Namespace) -> Run:
 
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     global_batch = args.batch_size * world_size * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_set) / global_batch)
+    steps_per_epoch = len(epoch_plan(args, train_set, global_batch, epoch=0))
     total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.num_epochs)
     task_meta["training_args"] = {k: v for k, v in vars(args).items() if k != "func"}
     run = Run(args=args, rank=rank, world_size=world_size, device=device, model=model, loss_fn=loss_fn,
@@ -322,8 +346,7 @@ def setup(args: argparse.Namespace) -> Run:
               optimizer=optimizer, scheduler=make_scheduler(optimizer, args.lr_scheduler, args.warmup_steps, total_steps),
               scaler=torch.amp.GradScaler(device.split(":")[0], enabled=args.mixed_precision == "fp16"),
               train_set=train_set, val_set=val_set, pad_id=pad_id, task_meta=task_meta,
-              settings=run_settings(args, world_size, task_meta), steps_per_epoch=steps_per_epoch,
-              total_steps=total_steps, metrics_path=os.path.join(args.checkpoint_dir, METRICS_FILE))
+              settings=run_settings(args, world_size, task_meta), total_steps=total_steps, metrics_path=os.path.join(args.checkpoint_dir, METRICS_FILE))
     if rank == 0:
         os.makedirs(args.checkpoint_dir, exist_ok=True)
     if state is not None:
@@ -335,16 +358,22 @@ def setup(args: argparse.Namespace) -> Run:
 
 # ---------------------------------------------------------------- one step, validation, checkpoints
 
-def epoch_batches(run: Run) -> list[list[int]]:
-    """The global batches (example indices) still to train in run.epoch.
+def epoch_plan(args, train_set, global_batch, epoch) -> list[list[int]]:
+    """An epoch's global batches of example indices: a function of (seed, epoch) alone, so every process
+    computes the same ones and a resumed run replays them."""
+    if args.group_by_length:
+        return length_grouped_batches([len(e["input_ids"]) for e in train_set], global_batch, args.seed, epoch)
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+    return [order[i:i + global_batch] for i in range(0, len(order), global_batch)]
 
-    The order is a function of (seed, epoch) alone, so every process computes the same one and a
-    resumed run replays it; a resumed run skips the run.examples_done examples already trained.
-    """
-    n, size = len(run.train_set), run.global_batch_size
-    generator = torch.Generator().manual_seed(run.args.seed * 1000 + run.epoch)
-    order = torch.randperm(n, generator=generator).tolist()[run.examples_done:]
-    return [order[i:i + size] for i in range(0, len(order), size)]
+
+def epoch_batches(run: Run) -> list[list[int]]:
+    """The global batches still to train in run.epoch: its plan without the run.examples_done trained already."""
+    left, done = [], run.examples_done
+    for batch in epoch_plan(run.args, run.train_set, run.global_batch_size, run.epoch):
+        left.append(batch[done:])
+        done = max(0, done - len(batch))
+    return [batch for batch in left if batch]
 
 
 def micro_batches(run: Run, batch: list[int]) -> list[tuple[list[int], float]]:
@@ -375,10 +404,10 @@ def train_step(run: Run, batch: list[int]) -> dict:
     """
     started = time.perf_counter()
     torch.manual_seed(run.args.seed * 1_000_003 + run.step * 1009 + run.rank)  # dropout masks, resumable
-    work = [(collate([run.train_set[i] for i in indices], run.pad_id), weight)
-            for indices, weight in micro_batches(run, batch)]
-    counts = torch.tensor([sum(target_count(b["labels"]) * w for b, w in work),
-                           sum(int(b["attention_mask"].sum()) * w for b, w in work)], dtype=torch.float64)
+    shares = micro_batches(run, batch)
+    work = [(collate([run.train_set[i] for i in indices], run.pad_id), weight) for indices, weight in shares]
+    tokens = sum(len(run.train_set[i]["input_ids"]) * weight for indices, weight in shares for i in indices)
+    counts = torch.tensor([sum(target_count(b["labels"]) * w for b, w in work), tokens], dtype=torch.float64)
     targets, tokens = distributed.sum_all(counts).tolist()
     total = torch.zeros((), dtype=torch.float64)
     for i, (b, weight) in enumerate(work):

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -53,9 +54,13 @@ def test_gpt2_and_lora_cli_entry_point(tiny_gpt2, tmp_path):
     assert json.loads((tmp_path / "c" / "final" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
-@pytest.mark.parametrize("resume_from", ["epoch-1", "step-3"])
-def test_resume_is_bitwise_identical(tiny_llama, task_dir, tmp_path, monkeypatch, resume_from):
-    common = ("--num_epochs", 2, "--lora_dropout", 0.1, "--save_steps", 3, "--learning_rate", 5e-3)
+@pytest.mark.parametrize("resume_from, flags", [
+    ("epoch-1", ()), ("step-3", ()),
+    ("step-3", ("--packing", "--max_seq_length", 128, "--batch_size", 2)),  # 48 examples in 17 rows
+    ("step-3", ("--group_by_length", "--batch_size", 4, "--gradient_accumulation_steps", 2)),
+])
+def test_resume_is_bitwise_identical(tiny_llama, task_dir, tmp_path, monkeypatch, resume_from, flags):
+    common = ("--num_epochs", 2, "--lora_dropout", 0.1, "--save_steps", 3, "--learning_rate", 5e-3, *flags)
     assert main(["finetune", *finetune_argv(tiny_llama, task_dir, tmp_path / "full", *common)]) == 0
 
     import lora.train
@@ -300,3 +305,42 @@ def test_max_seq_length_past_the_models_context_is_capped(tiny_llama, tmp_path, 
     assert main(["finetune", *argv]) == 0
     err = capsys.readouterr().err
     assert "past the model's context of 256 positions; using 256" in err
+
+
+# ---------------------------------------------------------------- chat data
+
+def write_chat_task(folder, model_path, tokenizer, n=48):
+    """OpenAI-style chat data, and a copy of the model whose tokenizer has a chat template."""
+    from tests.conftest import make_records
+    folder.mkdir(parents=True)
+    model_dir = folder / "model"
+    shutil.copytree(model_path, model_dir)
+    tokenizer.save_pretrained(model_dir)
+    chats = [{"messages": [{"role": "system", "content": "Answer with one word."},
+                           {"role": "user", "content": r["instruction"]},
+                           {"role": "assistant", "content": r["output"]}]} for r in make_records(n)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (folder / "target_modules.txt").write_text("q_proj\nv_proj\n")
+    return model_dir
+
+
+def test_chat_data_trains_with_packing_and_records_the_chat_template(tiny_llama, chat_tokenizer, tmp_path):
+    model = write_chat_task(tmp_path / "chat", tiny_llama, chat_tokenizer)
+    argv = ["--model_name_or_path", model, "--target_modules_path", tmp_path / "chat" / "target_modules.txt",
+            "--train_data_path", tmp_path / "chat" / "train.jsonl", "--checkpoint_dir", tmp_path / "c",
+            "--device", "cpu", "--packing", "--max_seq_length", 128, "--batch_size", 2, "--num_epochs", 4,
+            "--learning_rate", 2e-2, "--lora_dropout", 0]
+    assert main(["finetune", *map(str, argv)]) == 0  # no --prompt_format_path: chat data needs none
+    losses = [r["loss"] for r in rows_of(tmp_path / "c")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    task = json.loads((tmp_path / "c" / "final" / "lora_task.json").read_text())
+    assert task["chat_template"] is True and task["data_format"] == "messages"
+    assert task["system_prompt"] == "Answer with one word."
+    assert "prompt_format" not in task
+
+
+def test_alpaca_data_without_a_prompt_format_names_the_flag(tiny_llama, task_dir, tmp_path, capsys):
+    argv = finetune_argv(tiny_llama, task_dir, tmp_path / "c")
+    i = argv.index("--prompt_format_path")
+    assert main(["finetune", *argv[:i], *argv[i + 2:]]) == 2
+    assert "pass --prompt_format_path" in capsys.readouterr().err
