@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from lora.cli import main
 from lora.multitask import MultiTaskModel
@@ -24,6 +25,7 @@ from tests.conftest import finetune_argv, write_task
 TASKS = {"color": ("color", 0), "reverse": ("reverse", 0), "color2": ("color", 1), "reverse2": ("reverse", 1)}
 QUESTIONS = [f"What colour is the {thing}?" for thing in ("apple", "river", "stone", "violin", "garden")]
 CAP = 64  # --max-tokens-cap of the test server
+MAX_PROMPTS = 16  # --max-prompts of the test server: the engine's default max_num_seqs
 
 
 def train(model, root, name, task, seed):
@@ -71,7 +73,7 @@ def serving(app):
 def server(tiny_llama, adapters):
     paths, adapter_root = adapters
     mt = MultiTaskModel(tiny_llama, paths)
-    app = create_app(mt, base_name="tiny", adapter_root=str(adapter_root), max_tokens_cap=CAP, batch_wait_ms=20)
+    app = create_app(mt, served_model_name="tiny", adapter_root=str(adapter_root), max_tokens_cap=CAP)
     with serving(app) as url:
         yield url, mt
 
@@ -226,8 +228,8 @@ def test_errors_come_in_openai_shape_with_the_right_status(server, client):
         client.completions.create(model="color", prompt="hi", max_tokens=CAP + 1)
     assert error_of(e)["param"] == "max_tokens" and error_of(e)["code"] == "max_tokens_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="color", prompt="hi", max_tokens=2, n=2)
-    assert error_of(e)["param"] == "n"
+        client.completions.create(model="color", prompt="hi", max_tokens=2, n=MAX_PROMPTS + 1)
+    assert error_of(e)["param"] == "n" and error_of(e)["code"] == "too_many_prompts"
 
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.completions.create(model="color", prompt="hi", max_tokens="5")
@@ -249,7 +251,7 @@ def test_errors_come_in_openai_shape_with_the_right_status(server, client):
 
 
 def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
-    app = create_app(MultiTaskModel(tiny_llama, {"color": adapters[0]["color"]}), base_name="tiny", api_key="sekret")
+    app = create_app(MultiTaskModel(tiny_llama, {"color": adapters[0]["color"]}), served_model_name="tiny", api_key="sekret")
     with serving(app) as url:
         assert httpx.get(url + "/health").status_code == 200
         for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/color"), ("POST", "/v1/completions"),
@@ -270,18 +272,19 @@ def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "adapter_loading_disabled"
 
 
-def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
-    """Concurrent clients are batched together, tasks mixed, and each answer is the one it gets alone."""
-    mt = server[1]
-    batches = []
-    run_batch = mt.run_batch
+def metrics(url):
+    """/metrics parsed: {(sample name, sorted labels): value}."""
+    text = httpx.get(url + "/metrics").text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
-    def spy(prompts, tasks, mixed=False, **kwargs):
-        batches.append((mixed, list(tasks)))
-        return run_batch(prompts, tasks, mixed, **kwargs)
-    mt.run_batch = spy
+
+def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
+    """Concurrent clients share the engine's steps, tasks mixed, and each answer is the one it gets alone."""
+    url = server[0]
     expected = {(task, q): reference.generate_response(task, q, max_new_tokens=6) for task in TASKS for q in QUESTIONS}
     jobs = [(list(TASKS)[i % 4], QUESTIONS[(i // 4) % len(QUESTIONS)], i % 3) for i in range(200)]
+    before = metrics(url)
 
     def ask(job):
         task, question, kind = job
@@ -295,15 +298,28 @@ def test_load_200_requests_from_16_clients_over_4_tasks(server, client, referenc
         chunks = client.chat.completions.create(model=task, messages=[{"role": "user", "content": question}],
                                                 max_tokens=6, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in chunks)
+    running, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            running.append(metrics(url)[("lora:num_requests_running", ())])
+            time.sleep(0.01)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, jobs))
     finally:
-        del mt.run_batch
+        done.set()
+        watcher.join()
     assert answers == [expected[task, question] for task, question, _ in jobs]
-    assert sum(len(tasks) for _, tasks in batches) == 200
-    assert any(mixed and len(set(tasks)) > 1 for mixed, tasks in batches)  # tasks did share batches
-    assert len(batches) < 100  # and requests did share batches
+    assert max(running) > 1  # requests did run together
+    after = metrics(url)
+    for task in TASKS:
+        key = ("lora:request_success_total", (("finished_reason", "length"), ("task", task)))
+        stopped = ("lora:request_success_total", (("finished_reason", "stop"), ("task", task)))
+        assert after.get(key, 0) + after.get(stopped, 0) - before.get(key, 0) - before.get(stopped, 0) == 50
+    assert after[("lora:generation_tokens_total", ())] > before[("lora:generation_tokens_total", ())]
 
 
 def free_port():
@@ -321,7 +337,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path, tiny
     env = {**os.environ, "LORA_API_KEY": "k3y", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "lora.cli", "serve", "--model", tiny_llama, "--mapper", str(mapper),
-                             "--port", str(port), "--max-batch-size", "1", "--max-tokens-cap", "200", "--device", "cpu"],
+                             "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
