@@ -1,4 +1,4 @@
-"""One base model, many task adapters: a lazy adapter registry, exact weight swapping, and generation.
+"""One base model, many task adapters: a lazy adapter registry, exact weight swapping, and mixed-task hooks.
 
 The base weights are never written. Applying a task builds its merged weights W = W0 + s * B @ A
 in separate tensors, one fused addmm per weight, and points each targeted parameter at them;
@@ -7,6 +7,7 @@ bitwise the weights a single switch would, in any dtype. The most recently used 
 merged weights (`merged_cache_bytes`, 2 GiB by default, at least the active task's), so switching
 among them copies nothing; a switch to another task builds only the layers that task targets, in
 new buffers or, once the cache is full, in those of the least recently used task.
+Generation runs through `lora.engine.Engine`; `generate_response(s)` here are shortcuts to it.
 """
 import contextlib
 import itertools
@@ -18,15 +19,16 @@ from collections import OrderedDict
 import torch
 
 from .checkpoint import ModuleAdapter, check_compatible, read_adapter
-from .data import check_prompt_format, encode_prompt, format_prompt, pad_token_id
+from .data import check_prompt_format
 from .errors import LoraError
 from .layers import mixed_update_hook, weight_is_transposed
 from .models import load_model
 
-DEFAULT_PROMPT_FORMAT = "{instruction}\n\n{input}"
-GENERATION_DEFAULTS = {"max_new_tokens": 256, "do_sample": False}
-REQUEST_KEYS = ("downstream", "instruction", "input", "prompt", "prompt_format")
-MODES = ("merged", "mixed", "auto")  # how tasks share a batch: see plan_batches
+REQUEST_KEYS = {"downstream", "instruction", "input", "prompt", "messages", "prompt_format"}
+# generate_response's settings, named as transformers' generate names them, and what the engine calls them
+GENERATION_KEYS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
+                   "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop", "stop_strings": "stop",
+                   "ignore_eos": "ignore_eos"}
 _tokens = itertools.count()
 
 
@@ -53,54 +55,6 @@ def read_mapper(mapper):
     return {k: os.path.normpath(os.path.join(root, v)) for k, v in entries.items()}
 
 
-def plan_batches(tasks, batch_size, mode="auto", can_mix=lambda task: True):
-    """The batching policy: split a queue of requests, given by their tasks, into batches of indices.
-
-    Returns [(mixed, indices)]. A merged batch holds one task and runs on that task's merged weights,
-    at base-model speed per token. A mixed batch holds any tasks and runs unmerged, each row adding its
-    own task's low-rank update: slower per token, but a spread-out queue still fills its batches.
-
-      merged  every task in batches of its own.
-      mixed   every batch mixed.
-      auto    (after dLoRA, OSDI'24) a task with at least `batch_size` requests waiting gets merged
-              batches for as many full batches as it fills; everything else (small tasks, remainders)
-              is pooled into mixed batches, and a pooled batch that holds one task only runs merged.
-              So auto needs no more batches than mixed-only, ceil(len(tasks) / batch_size), and runs
-              merged wherever that costs no extra batch: merged for one dominant task, mixed when
-              tasks are spread.
-
-    Tasks that cannot be mixed (`can_mix(task)` false: weighted blends) always run merged.
-    """
-    if mode not in MODES:
-        raise LoraError(f"unknown batching mode {mode!r}; use one of {', '.join(MODES)}")
-    if batch_size < 1:
-        raise LoraError(f"batch_size must be at least 1, got {batch_size}")
-    by_task = {}
-    for i, task in enumerate(tasks):
-        by_task.setdefault(task, []).append(i)
-
-    def chunks(rows):
-        return [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
-    batches, pool = [], []
-    for task, rows in sorted(by_task.items(), key=lambda item: -len(item[1])):  # largest task first
-        if mode == "merged" or not can_mix(task):
-            batches += [(False, chunk) for chunk in chunks(rows)]
-            continue
-        if mode == "auto":
-            full = len(rows) - len(rows) % batch_size
-            batches += [(False, chunk) for chunk in chunks(rows[:full])]
-            rows = rows[full:]
-        pool += rows  # grouped by task, so each task's rows sit together in the mixed batch
-    for chunk in chunks(pool):
-        batches.append((mode == "mixed" or len({tasks[i] for i in chunk}) > 1, chunk))
-    return batches
-
-
-def _can_mix(spec):
-    """A normalized spec can share a mixed batch if it is the base or one task at weight 1, not a blend."""
-    return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
-
-
 class MultiTaskModel:
     """A Hugging Face causal LM plus a registry of LoRA task adapters, switched by exact weight rebuilds.
 
@@ -122,7 +76,8 @@ class MultiTaskModel:
         self.pretrained_model, self.tokenizer = model.eval(), tokenizer
         self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.cache_bytes, self.host_cache_bytes = cache_bytes, host_cache_bytes
-        self._registry = {}  # task -> (checkpoint path, token unique to this registration)
+        self._registry = {}  # task -> (checkpoint path, token unique to this registration, adapter root or None)
+        self._meta = {}  # task -> its lora_task.json, once read: readable from any thread without the lock
         self._cache, self._host_cache = OrderedDict(), OrderedDict()  # task -> Adapter, least recent first
         self.merged_cache_bytes = merged_cache_bytes
         self._targets = {}  # module name -> (parameter, transposed, base weight), see _target
@@ -130,7 +85,7 @@ class MultiTaskModel:
         self._pointed = set()  # modules whose parameter holds a merged weight now
         self._active, self._active_key = None, None
         self._fingerprints_ok = set()
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()  # held by whoever changes or runs the weights: a switch, an engine step
         for name, path in read_mapper(mapper).items():
             self.add_downstream(name, path)
 
@@ -144,22 +99,27 @@ class MultiTaskModel:
     def active(self):
         return self._active
 
-    def add_downstream(self, name, path):
-        """Register a task; its checkpoint is read on first use, not now."""
+    def add_downstream(self, name, path, root=None):
+        """Register a task; its checkpoint is read on first use, not now.
+
+        root: a folder every file of the checkpoint must lie in when it is opened, also on a re-read after
+        the adapter left the cache (a server's --adapter-root).
+        """
         path = os.fspath(path)
-        if not os.path.isdir(path):
+        if root is None and not os.path.isdir(path):
             raise LoraError(f"checkpoint for task {name!r} not found at {path}; check the mapper entry")
-        with self._lock:
+        with self.lock:
             if name in self._registry:
                 self.remove_downstream(name)
-            self._registry[name] = (path, next(_tokens))
+            self._registry[name] = (path, next(_tokens), root)
 
     def remove_downstream(self, name):
-        with self._lock:
+        with self.lock:
             self._check_names([name])
             if self._active is not None and name in dict(self._active):
                 self._switch(None)
             token = self._registry.pop(name)[1]
+            self._meta = {task: meta for task, meta in self._meta.items() if task != name}
             self._cache.pop(name, None)
             self._host_cache.pop(name, None)
             for key in [k for k in self._merged if any(t == token for t, _ in k)]:
@@ -173,7 +133,7 @@ class MultiTaskModel:
 
     def adapter(self, name):
         """The task's Adapter on the model's device and dtype, read and validated on first use (LRU cached)."""
-        with self._lock:
+        with self.lock:
             self._check_names([name])
             if name in self._cache:
                 self._cache.move_to_end(name)
@@ -185,8 +145,8 @@ class MultiTaskModel:
             return on_device
 
     def _read(self, name):
-        path = self._registry[name][0]
-        adapter = read_adapter(path)
+        path, _, root = self._registry[name]
+        adapter = read_adapter(path) if root is None else read_adapter(path, root=root)
         expected = adapter.task.get("base_fingerprint") or {}
         key = (expected.get("sha256"), tuple(expected.get("shapes", ())), tuple(adapter.modules))
         if key not in self._fingerprints_ok:
@@ -200,13 +160,14 @@ class MultiTaskModel:
                                 "merging would change the head too, so train it without the embedding")
         if adapter.prompt_format:
             check_prompt_format(adapter.prompt_format, f"prompt format of {path}")
+        self._meta = {**self._meta, name: dict(adapter.task)}
         return self._to(adapter, "cpu")
 
     def _to(self, adapter, device):
-        # fp16 addmm is very slow on CPU; such weights are rebuilt in float32 (see _merge).
-        dtype = torch.float32 if (self.dtype == torch.float16 and self.device.type == "cpu") else self.dtype
-        adapter.modules = {n: ModuleAdapter(m.A.to(device, dtype), m.B.to(device, dtype), m.scaling, m.embedding)
-                           for n, m in adapter.modules.items()}
+        # Kept in float32 (adapters are small): mixed batches add their update in float32, and merges
+        # round A and B to the weight's dtype once (see _plan).
+        adapter.modules = {n: ModuleAdapter(m.A.to(device, torch.float32), m.B.to(device, torch.float32), m.scaling,
+                                            m.embedding) for n, m in adapter.modules.items()}
         return adapter
 
     def _evict(self):
@@ -223,7 +184,7 @@ class MultiTaskModel:
 
     # ------------------------------------------------------------------ exact switching (see the module docstring)
 
-    def _normalize(self, spec):
+    def normalize(self, spec):
         """None, a task name, or {task: weight} -> None or a sorted tuple of (task, weight)."""
         if spec is None:
             return None
@@ -254,6 +215,10 @@ class MultiTaskModel:
             else:  # weighted sum of deltas as one low-rank product: [w1 s1 B1 | w2 s2 B2] @ [A1; A2]
                 B = torch.cat([m.B * (m.scaling * w) for w, m in items], dim=1)
                 A, alpha = torch.cat([m.A for _, m in items], dim=0), 1.0
+            # fp16 addmm is very slow on CPU; such weights are rebuilt in float32 (see _merge).
+            base = self._target(module_name)[2]
+            dtype = torch.float32 if base.dtype == torch.float16 and base.device.type == "cpu" else base.dtype
+            B, A = B.to(dtype), A.to(dtype)
             plan[module_name] = (A.T, B.T, alpha) if self._target(module_name)[1] else (B, A, alpha)
         return plan
 
@@ -304,7 +269,7 @@ class MultiTaskModel:
 
     @torch.no_grad()
     def _switch(self, spec):
-        spec = self._normalize(spec)
+        spec = self.normalize(spec)
         if spec == self._active:
             return
         key = spec and self._key(spec)
@@ -325,13 +290,13 @@ class MultiTaskModel:
 
     def activate(self, downstream):
         """Switch the base model to a task (None: the plain base; {task: weight}: a weighted sum) and stay."""
-        with self._lock:
+        with self.lock:
             self._switch(downstream)
 
     @contextlib.contextmanager
     def apply_downstream(self, downstream):
         """`with mt.apply_downstream("qa") as model:` the HF model with that task applied, restored after."""
-        with self._lock:
+        with self.lock:
             previous = self._active
             self._switch(downstream)
             try:
@@ -341,116 +306,129 @@ class MultiTaskModel:
 
     # ------------------------------------------------------------------ mixed-task batches
 
+    @staticmethod
+    def can_mix(spec):
+        """A normalized spec can share a mixed batch if it is the base or one task at weight 1, not a blend."""
+        return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
+
+    def mix(self, tasks):
+        """Unmerged mode: the base weights plus hooks adding to each token its own task's update.
+
+        Returns a `MixedAdapters` over `tasks`; call `.select(index)` before each forward (0: base, i + 1:
+        tasks[i], one per token or per row) and `.remove()` when done.
+        """
+        with self.lock:
+            self._switch(None)
+            return MixedAdapters(self.pretrained_model, tasks, [self.adapter(t) for t in tasks])
+
     @contextlib.contextmanager
     def mixed_batch(self, row_tasks):
-        """Unmerged mode: row i of every batch uses task row_tasks[i] (None: base) through forward hooks.
+        """`with mt.mixed_batch(["qa", None, "sum"]) as model:` row i of every batch uses task row_tasks[i].
 
-        The base output is computed once for the batch and each row gets its own task's low-rank update,
-        so one batch can mix tasks (as vLLM, S-LoRA and LoRAX do). Per adapted module the update is
-        ((x @ A_all) * row_scale) @ B_all, with every task of the batch stacked along the rank and
-        row_scale keeping each row's own rank block (times its scaling) and zeroing the others: three
-        kernels per module however many tasks share the batch. Beam search repeats rows.
+        The base output is computed once and each row gets its own task's low-rank update, so one batch
+        can mix tasks (as vLLM, S-LoRA and LoRAX do); the weights are as before afterwards.
         """
-        with self._lock:
+        with self.lock:
             previous = self._active
-            self._switch(None)
-            per_module = {}
-            for task in dict.fromkeys(t for t in row_tasks if t is not None):
-                rows = [i for i, t in enumerate(row_tasks) if t == task]
-                for module_name, m in self.adapter(task).modules.items():
-                    per_module.setdefault(module_name, []).append((rows, m))
-            handles = []
-            for module_name, items in per_module.items():
-                A = torch.cat([m.A for _, m in items]).T  # (in, total rank)
-                B = torch.cat([m.B for _, m in items], dim=1).T  # (total rank, out)
-                row_scale = torch.zeros(len(row_tasks), 1, A.shape[1], dtype=A.dtype, device=A.device)
-                start = 0
-                for rows, m in items:
-                    row_scale[rows, :, start:start + m.A.shape[0]] = m.scaling
-                    start += m.A.shape[0]
-                module = self.pretrained_model.get_submodule(module_name)
-                hook = mixed_update_hook(A, B, row_scale, isinstance(module, torch.nn.Embedding))
-                handles.append(module.register_forward_hook(hook))
+            tasks = sorted({t for t in row_tasks if t is not None})
+            mixed = self.mix(tasks)
+            mixed.select(torch.tensor([0 if t is None else tasks.index(t) + 1 for t in row_tasks],
+                                      device=self.device)[:, None])
             try:
                 yield self.pretrained_model
             finally:
-                for h in handles:
-                    h.remove()
+                mixed.remove()
                 self._switch(previous)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ generation, through lora.engine
 
-    def prompt_for(self, request):
-        """The prompt text a request asks for: raw `prompt`, else its task's prompt format filled in."""
-        if request.get("prompt") is not None:
-            return request["prompt"]
-        fmt = request.get("prompt_format")
-        if fmt is None:
-            spec = self._normalize(request.get("downstream"))
-            if spec:
-                fmt = self.adapter(max(spec, key=lambda kv: kv[1])[0]).prompt_format
-        return format_prompt(fmt or DEFAULT_PROMPT_FORMAT, request.get("instruction", ""), request.get("input", ""))
+    def task_meta(self, name):
+        """The task's lora_task.json (prompt format, chat template use, ...); {} for PEFT's adapters."""
+        meta = self._meta.get(name)
+        return dict(meta) if meta is not None else dict(self.adapter(name).task)
 
-    def generation_kwargs(self, overrides):
-        kwargs = {**GENERATION_DEFAULTS, **overrides}
-        if "do_sample" not in overrides and (overrides.get("temperature") or 0) > 0:
-            kwargs["do_sample"] = True
-        kwargs.setdefault("pad_token_id", pad_token_id(self.tokenizer))
-        kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        return kwargs
+    def prompt_ids(self, request):
+        """The prompt token ids of a request dict, rendered as its task was trained (see lora.prompts)."""
+        from .prompts import prompt_ids
 
-    @torch.no_grad()
-    def generate_batch(self, prompts, **generation_kwargs):
-        """Token ids of the prompts, left-padded, through `generate`; returns the new text of each."""
-        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        width, pad = max(map(len, ids)), pad_token_id(self.tokenizer)
-        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=self.device)
-        attention_mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=self.device)
-        out = self.pretrained_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                             **self.generation_kwargs(generation_kwargs))
-        per_prompt = out.shape[0] // len(prompts)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out][::per_prompt]
-
-    def run_batch(self, prompts, tasks, mixed=False, **generation_kwargs):
-        """One batch of prompts, row i for tasks[i]: mixed (unmerged, any tasks) or merged (one task)."""
-        with self._lock:
-            if mixed:
-                self._switch(None)  # so that mixed_batch has no task to restore afterwards
-                with self.mixed_batch(tasks):
-                    return self.generate_batch(prompts, **generation_kwargs)
-            if len(set(tasks)) != 1:
-                raise LoraError(f"a merged batch holds one task, not {sorted(set(map(str, tasks)))}")
-            self._switch(tasks[0])
-            return self.generate_batch(prompts, **generation_kwargs)
+        spec = self.normalize(request.get("downstream"))
+        meta = self.task_meta(max(spec, key=lambda kv: kv[1])[0]) if spec else None
+        return prompt_ids(self.tokenizer, meta, instruction=request.get("instruction", ""),
+                          input=request.get("input", ""), messages=request.get("messages"),
+                          prompt=request.get("prompt"), prompt_format=request.get("prompt_format"))
 
     def generate_responses(self, requests, batch_size=16, mode="auto"):
-        """Answer many requests in padded batches of up to `batch_size`; answers come back in request order.
+        """Answer many requests with continuous batching; answers come back in request order.
 
-        Each request is a dict with `downstream`, `instruction`, `input` (or a raw `prompt`) and optional
-        generation settings. `mode` is how tasks share a batch (see `plan_batches`): "merged" (one task
-        per batch), "mixed" (any tasks per batch, unmerged) or "auto" (chosen per batch).
+        Each request is a dict with `downstream`, `instruction`, `input` (or a raw `prompt`, or chat
+        `messages`) and optional settings named as transformers' generate names them: max_new_tokens
+        (256), min_new_tokens, temperature (0: greedy), top_p, top_k, seed, stop. `mode` is how tasks
+        share a step (see lora.engine.Engine): "auto", "merged" or "mixed".
         """
-        by_settings = {}
-        for i, request in enumerate(requests):
-            unknown = set(request) - set(REQUEST_KEYS) - {"batch_size"}
-            settings = json.dumps({k: request[k] for k in unknown}, sort_keys=True, default=str)
-            by_settings.setdefault(settings, []).append(i)
-        answers = [None] * len(requests)
-        with self._lock:
-            specs = [self._normalize(request.get("downstream")) for request in requests]  # fail before any work
-            prompts = [self.prompt_for(request) for request in requests]
-            for settings, indices in by_settings.items():
-                group = [specs[i] for i in indices]
-                for mixed, batch in plan_batches(group, batch_size, mode, can_mix=_can_mix):
-                    rows = [indices[j] for j in batch]
-                    tasks = [specs[i] and specs[i][0][0] if mixed else specs[i] for i in rows]
-                    texts = self.run_batch([prompts[i] for i in rows], tasks, mixed, **json.loads(settings))
-                    for i, text in zip(rows, texts):
-                        answers[i] = text
-        return answers
+        from .engine import Engine
+
+        context = getattr(self.pretrained_model.config, "max_position_embeddings", None) or 4096
+        with self.lock:
+            prompts, tasks, sampling = [], [], []
+            for request in requests:
+                unknown = sorted(set(request) - REQUEST_KEYS - set(GENERATION_KEYS))
+                if unknown:
+                    raise LoraError(f"unknown generation setting {unknown[0]!r}; use {', '.join(GENERATION_KEYS)}")
+                prompts.append(self.prompt_ids(request))
+                tasks.append(request.get("downstream"))
+                sampling.append(sampling_params(request, room=context - len(prompts[-1])))
+            longest = max((len(p) + s.max_tokens for p, s in zip(prompts, sampling)), default=1)
+            engine = Engine(self, max_num_seqs=batch_size, max_model_len=min(longest, context), mode=mode)
+            return [out.text.strip() for out in engine.generate(prompts, tasks, sampling)]
 
     def generate_response(self, downstream=None, instruction="", input="", **generation_kwargs):
         """The task's answer to one instruction: its prompt format filled in, greedy by default."""
         return self.generate_responses([{"downstream": downstream, "instruction": instruction, "input": input,
                                          **generation_kwargs}])[0]
 
+
+def sampling_params(request, room):
+    """A request's generate-style settings as the engine's SamplingParams; by default the answer may
+    take 256 tokens, or what is left of the model's context (`room`) if that is less."""
+    from .engine import SamplingParams
+
+    settings = {GENERATION_KEYS[k]: v for k, v in request.items() if k in GENERATION_KEYS}
+    settings.setdefault("max_tokens", max(1, min(256, room)))
+    return SamplingParams(**settings)
+
+
+class MixedAdapters:
+    """Forward hooks adding to each token the low-rank update of its own task, over the base weights.
+
+    Per adapted module every task's A and B are stacked along the rank, in float32 (so bfloat16 and
+    float16 models round the update once, not per factor), and a (tasks + 1, rank) table holds each
+    task's scaling on its own rank block: selecting a table row per token keeps that task's update and
+    zeroes the others, in three kernels per module however many tasks share the batch.
+    """
+
+    def __init__(self, model, tasks, adapters):
+        self.tasks, self.index = tuple(tasks), None
+        per_module = {}
+        for i, adapter in enumerate(adapters, 1):
+            for name, m in adapter.modules.items():
+                per_module.setdefault(name, []).append((i, m))
+        self._handles = []
+        for name, items in per_module.items():
+            A = torch.cat([m.A.float() for _, m in items]).T  # (in, total rank)
+            B = torch.cat([m.B.float() for _, m in items], dim=1).T  # (total rank, out)
+            scales = torch.zeros(len(self.tasks) + 1, A.shape[1], device=A.device)
+            start = 0
+            for i, m in items:
+                scales[i, start:start + m.A.shape[0]] = m.scaling
+                start += m.A.shape[0]
+            module = model.get_submodule(name)
+            hook = mixed_update_hook(A, B, scales, self, isinstance(module, torch.nn.Embedding))
+            self._handles.append(module.register_forward_hook(hook))
+
+    def select(self, index):
+        """Which task each token (or row) uses from now on: 0 for the base, i + 1 for tasks[i]."""
+        self.index = index
+
+    def remove(self):
+        for handle in self._handles:
+            handle.remove()

@@ -119,9 +119,9 @@ def test_exception_inside_apply_downstream_or_generation_restores(tiny_llama, ad
             raise RuntimeError("user code failed")
     assert mt.active is None and same(weights(mt.pretrained_model), base)
 
-    def broken_generate(*args, **kwargs):
+    def broken_forward(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(mt.pretrained_model, "generate", broken_generate)
+    monkeypatch.setattr(mt.pretrained_model, "forward", broken_forward)
     with pytest.raises(KeyboardInterrupt):
         mt.generate_response("tag", "What colour is the lamp?")
     mt.activate(None)  # the model was left on a complete task ("tag"); going back is exact
