@@ -7,19 +7,30 @@ A checkpoint directory holds
     training_state.pt           optional resume state (optimizer, scheduler, RNG, step), tensors only
 """
 import contextlib
+import ctypes
+import errno
 import hashlib
+import io
 import json
+import math
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
+from .data import check_prompt_format
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, MissingFileError, read_bytes, read_text
 from .inject import inject, lora_layers, pattern_value
 from .layers import LoraLayer, in_out_features, lora_scaling
 
@@ -66,17 +77,117 @@ class Adapter:
 
 # ---------------------------------------------------------------- atomic writes
 
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?\w+")  # older versions wrote no pid
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_renameat2 = _load_renameat2() if sys.platform.startswith("linux") else None
+
+
+def exchange(a, b):
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); OSError where unsupported."""
+    if _renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available here")
+    if _renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), a, None, b)
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the renames are still atomic there
+        pass
+    finally:
+        os.close(fd)
+
+
+def _running(pid):
+    if pid == os.getpid() or os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, but another user's
+        pass
+    return True
+
+
+def clean_leftovers(parent):
+    """Remove the hidden copies that saves killed midway left in `parent` (only those of dead processes).
+
+    A checkpoint moved aside by the no-exchange fallback of `_replace` (`.name.old-*`) goes back under its
+    name if that name is empty; every other leftover is deleted.
+    """
+    for entry in os.scandir(parent):
+        m = LEFTOVER.fullmatch(entry.name)
+        if not m or (m["pid"] and _running(int(m["pid"]))):
+            continue
+        target = os.path.join(parent, m["name"])
+        # Older versions moved the checkpoint into a folder: .name.old-XXXX/name.
+        old_copy = entry.path if m["pid"] else os.path.join(entry.path, m["name"])
+        if m["kind"] == "old" and not os.path.lexists(target) and os.path.isdir(old_copy):
+            with contextlib.suppress(OSError):  # a leftover that cannot be moved must not stop this save
+                os.rename(old_copy, target)
+        _remove(entry.path)
+
+
+def _replace(tmp, path):
+    """Put the folder `tmp` under `path`; returns where the previous `path` went (to delete), or None."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return None
+    try:
+        exchange(tmp, path)  # the name goes from the old complete copy to the new one in one step
+        return tmp
+    except OSError as e:
+        if e.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            raise
+    # No atomic exchange on this system or filesystem: two renames, with the name empty for the instant between
+    # them. A run killed right there leaves the old copy as .name.old-*, which the next save puts back.
+    parent, name = os.path.split(path)
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    return old
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
-    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
+    """Yield a temporary directory beside `path`; on success it replaces `path` in one atomic exchange.
 
-    A run killed at any moment leaves either the old complete directory or the new complete one
-    (plus, at worst, a hidden `.name.tmp-*` folder), never a half-written checkpoint under `path`.
+    Whenever a run is killed, `path` holds one complete directory, the old or the new one (on Linux; where the
+    OS has no atomic exchange, see `_replace`). Hidden `.name.tmp-*` leftovers of killed runs are removed by
+    the next save into the same folder.
     """
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    clean_leftovers(parent)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -87,15 +198,13 @@ def atomic_directory(path):
             os.chmod(entry.path, 0o666 & ~umask)
             with open(entry.path, "rb") as f:
                 os.fsync(f.fileno())
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(path, os.path.join(old, name))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        _fsync_dir(tmp)
+        old = _replace(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            _remove(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
@@ -207,57 +316,163 @@ def save_adapter(model, path, base_model_name_or_path=None, task=None, training_
         tensors[peft_key(name, "B", layer.embedding)] = layer.lora_B.detach().cpu().contiguous()
     meta = {"format_version": FORMAT_VERSION, "base_model_name_or_path": base_name,
             "base_fingerprint": fingerprint(model, names), **(task or {})}
-    with atomic_directory(path) as tmp:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
-        write_json(os.path.join(tmp, TASK_FILE), meta)
-        if training_state is not None:
-            torch.save(training_state, os.path.join(tmp, TRAINING_STATE))
+    try:
+        with atomic_directory(path) as tmp:
+            save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+            write_json(os.path.join(tmp, TASK_FILE), meta)
+            if training_state is not None:
+                torch.save(training_state, os.path.join(tmp, TRAINING_STATE))
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise _write_error(e, path) from None
     return path
 
 
-def _read_json(path, what):
+# How a full disk shows: OSError ENOSPC from Python, "os error 28" from safetensors, and from torch.save only
+# "[enforce fail at inline_container.cc:...] unexpected pos" or "... file write failed".
+DISK_FULL = ("No space left on device", "os error 28", "inline_container", "file write failed")
+
+
+def _write_error(e, path):
+    """A LoraError naming the checkpoint for a failed write; any other error is returned unchanged."""
+    if getattr(e, "errno", None) == errno.ENOSPC or any(s in str(e) for s in DISK_FULL):
+        return LoraError(f"disk full while writing {path}; free space or pass another --checkpoint_dir")
+    if getattr(e, "errno", None) == errno.EDQUOT or "os error 122" in str(e):
+        return LoraError(f"disk quota exceeded while writing {path}; free space or pass another --checkpoint_dir")
+    if isinstance(e, OSError):
+        return LoraError(f"cannot write checkpoint {path}: {e.strerror or e}; pass another --checkpoint_dir")
+    return e
+
+
+# ---------------------------------------------------------------- validation of what is read
+
+MAX_WEIGHTS_BYTES = 4 << 30  # a rank-64 adapter on every linear layer of a 70B model in float32 is ~3.5 GB
+MAX_STATE_BYTES = 3 * MAX_WEIGHTS_BYTES  # weights plus AdamW's two moments
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BIAS_VALUES = ("none", "all", "lora_only")
+UNSUPPORTED = {"use_dora": "DoRA", "bias": "trained biases", "lora_bias": "a bias on lora_B",
+               "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA",
+               "target_parameters": "LoRA on raw parameters", "trainable_token_indices": "trainable tokens",
+               "layer_replication": "layer replication"}  # PEFT features whose weights mean more than B @ A
+DATA_FORMATS = ("alpaca", "messages", "sharegpt")
+
+
+def _is_number(value):
+    """A finite JSON number; true and false are not numbers here, though Python counts them as ints."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _read_json(path, what, root):
+    text = read_text(path, what=what, max_bytes=MAX_JSON_BYTES, root=root)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise LoraError(f"{what} {path} is missing; is this a LoRA checkpoint directory (adapter_config.json + "
-                        f"adapter_model.safetensors)?") from None
-    except (OSError, ValueError) as e:
-        raise LoraError(f"{what} {path} is not valid JSON ({e}); re-save the checkpoint") from None
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        reason = e if isinstance(e, ValueError) else "nested too deeply"
+        raise LoraError(f"{what} {path} is not valid JSON ({reason}); re-save the checkpoint") from None
 
 
-def read_adapter(path, device="cpu"):
-    """Read and validate a checkpoint directory (ours or PEFT's) without touching any model."""
-    if not os.path.isdir(path):
-        raise LoraError(f"checkpoint directory {path} does not exist; point to a folder holding adapter_config.json")
-    config = _read_json(os.path.join(path, ADAPTER_CONFIG), "adapter config")
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise LoraError(f"{path} holds a {config.get('peft_type') if isinstance(config, dict) else '?'} adapter; "
-                        "only LoRA adapters (peft_type LORA) are supported")
-    for key, bad, why in (("use_dora", True, "DoRA"), ("bias", "all", "trained biases"),
-                          ("bias", "lora_only", "trained biases")):
-        if config.get(key, None) == bad:
-            raise LoraError(f"{path} uses {why} ({key}={bad!r}), which this project does not apply; "
+def _check_pattern(patterns, file, field, valid, expected):
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise LoraError(f"{file}: {field} must be an object {{module name or regex: {expected}}}, "
+                        f"not {type(patterns).__name__}")
+    for key, value in patterns.items():
+        if not valid(value):
+            raise LoraError(f"{file}: {field}[{key!r}] must be {expected}, got {value!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise LoraError(f"{file}: {field} key {key!r} is not a valid regex ({e})") from None
+
+
+def check_config(config, file):
+    """Raise a LoraError naming `file` and the field unless adapter_config.json describes a plain LoRA adapter."""
+    if not isinstance(config, dict):
+        raise LoraError(f"{file} must be a JSON object of LoRA settings, not {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoraError(f"{file} describes a {config['peft_type']!r} adapter; only LoRA adapters (peft_type LORA) "
+                        "are supported")
+    if not _is_count(config.get("r", 8)):
+        raise LoraError(f"{file}: r must be a positive integer, got {config['r']!r}")
+    if not _is_number(config.get("lora_alpha", 8)):
+        raise LoraError(f"{file}: lora_alpha must be a finite number, got {config['lora_alpha']!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_is_number(dropout) and 0 <= dropout <= 1):
+        raise LoraError(f"{file}: lora_dropout must be a number from 0 to 1, got {dropout!r}")
+    for key in ("use_rslora", "use_dora", "lora_bias", "use_qalora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):  # "false" would count as true
+            raise LoraError(f"{file}: {key} must be true or false, got {config[key]!r}")
+    _check_pattern(config.get("rank_pattern"), file, "rank_pattern", _is_count, "a positive integer rank")
+    _check_pattern(config.get("alpha_pattern"), file, "alpha_pattern", _is_number, "a finite number")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str) or
+            (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise LoraError(f"{file}: target_modules must be a list of module names or a regex string, got {targets!r}")
+    if config.get("base_model_name_or_path") is not None and not isinstance(config["base_model_name_or_path"], str):
+        raise LoraError(f"{file}: base_model_name_or_path must be a string, got {config['base_model_name_or_path']!r}")
+    bias = config.get("bias", "none")
+    if bias not in BIAS_VALUES:
+        raise LoraError(f"{file}: bias must be one of {', '.join(BIAS_VALUES)}, got {bias!r}")
+    for key, why in UNSUPPORTED.items():
+        if config.get(key) not in (None, False, "none", [], {}):
+            raise LoraError(f"{file} uses {why} ({key}={config[key]!r}), which this project does not apply; "
                             "re-train it as plain LoRA")
-    if config.get("modules_to_save"):
-        raise LoraError(f"{path} also saves full modules {config['modules_to_save']} (modules_to_save); "
-                        "only LoRA weights can be swapped, re-train without modules_to_save")
-    weights_path = os.path.join(path, ADAPTER_WEIGHTS)
-    if not os.path.exists(weights_path):
-        pickled = os.path.exists(os.path.join(path, "adapter_model.bin"))
-        raise LoraError(f"{weights_path} is missing" + (
-            "; this checkpoint is a pickle (adapter_model.bin), which is never loaded here: re-save it with "
-            "PEFT's save_pretrained(safe_serialization=True)" if pickled else ""))
-    try:
-        tensors = load_file(weights_path, device=str(device))
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise LoraError(f"{weights_path} is corrupt or truncated ({e}); re-save or re-train this adapter") from None
+    extra = config.get("modules_to_save")
+    if extra is not None and not isinstance(extra, list):
+        raise LoraError(f"{file}: modules_to_save must be a list or null, got {extra!r}")
+    if extra:
+        raise LoraError(f"{file} also saves full modules {extra} (modules_to_save); only LoRA weights can be "
+                        "swapped, re-train without modules_to_save")
+
+
+def check_task(task, file):
+    """Raise a LoraError naming `file` and the field unless lora_task.json is well-formed."""
+    if not isinstance(task, dict):
+        raise LoraError(f"{file} must be a JSON object of task metadata, not {type(task).__name__}")
+    version = task.get("format_version", FORMAT_VERSION)
+    if not _is_count(version):
+        raise LoraError(f"{file}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise LoraError(f"{file} has format_version {version}, newer than this lora-pytorch reads "
+                        f"({FORMAT_VERSION}); upgrade lora-pytorch")
+    for key, kind in (("prompt_format", str), ("base_model_name_or_path", str), ("system_prompt", str),
+                      ("chat_template", bool), ("training_args", dict), ("base_fingerprint", dict)):
+        if task.get(key) is not None and not isinstance(task[key], kind):
+            raise LoraError(f"{file}: {key} must be {'an object' if kind is dict else 'a ' + kind.__name__} "
+                            f"or null, got {task[key]!r}")
+    if task.get("prompt_format") is not None:
+        check_prompt_format(task["prompt_format"], f"{file}: prompt_format")
+    if task.get("data_format") not in (None, *DATA_FORMATS):
+        raise LoraError(f"{file}: data_format must be one of {', '.join(DATA_FORMATS)}, got {task['data_format']!r}")
+    fp = task.get("base_fingerprint")
+    if fp is None:
+        return
+    shapes, stats = fp.get("shapes"), fp.get("stats", {})
+    if not (isinstance(shapes, dict) and all(isinstance(v, list) and all(_is_count(n) for n in v)
+                                             for v in shapes.values())):
+        raise LoraError(f"{file}: base_fingerprint.shapes must map module names to weight shapes; re-save the adapter")
+    if not (isinstance(stats, dict) and all(k in shapes and isinstance(v, list) and len(v) == 2 and
+                                            all(map(_is_number, v)) for k, v in stats.items())):
+        raise LoraError(f"{file}: base_fingerprint.stats must map module names to two finite numbers; re-save the adapter")
+    if fp.get("sha256") is not None and not isinstance(fp["sha256"], str):
+        raise LoraError(f"{file}: base_fingerprint.sha256 must be a string or null, got {fp['sha256']!r}")
+
+
+def _module_adapters(tensors, config, weights_path, config_path):
+    """{module name: ModuleAdapter} from a safetensors file's tensors, each checked against the config."""
     parts = {}
     for key, tensor in tensors.items():
         parsed = parse_peft_key(key)
         if parsed is None:
             raise LoraError(f"{weights_path} has an unexpected tensor {key!r}; only LoRA A/B weights are supported")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise LoraError(f"{weights_path}: {key} is {str(tensor.dtype).replace('torch.', '')}; LoRA weights must "
+                            "be float16, bfloat16, float32 or float64 (quantized adapters are not supported)")
         name, part, embedding = parsed
         parts.setdefault(name, {})[part] = tensor
         parts[name]["embedding"] = embedding
@@ -268,16 +483,69 @@ def read_adapter(path, device="cpu"):
         if "A" not in p or "B" not in p:
             raise LoraError(f"{weights_path} has only half of the adapter for {name} (A and B are both needed)")
         A, B = p["A"], p["B"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or 0 in A.shape or 0 in B.shape:
             raise LoraError(f"{weights_path}: adapter for {name} has inconsistent shapes A{list(A.shape)} B{list(B.shape)}")
+        r = pattern_value(config.get("rank_pattern"), name, config.get("r", 8))
+        if A.shape[0] != r:
+            raise LoraError(f"{weights_path}: adapter for {name} has rank {A.shape[0]}, but {config_path} gives it "
+                            f"r={r} (r / rank_pattern); the two files do not belong together")
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise LoraError(f"{weights_path}: adapter for {name} contains NaN or Inf values; "
                             "the training run diverged, use an earlier checkpoint or a lower learning rate")
-        r = A.shape[0]
         alpha = pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
-        modules[name] = ModuleAdapter(A, B, lora_scaling(r, alpha, config.get("use_rslora", False)), p["embedding"])
+        scaling = lora_scaling(r, alpha, config.get("use_rslora", False))
+        # |scaling * B @ A| is at most this; past float32's range the update is Inf, so the alpha is nonsense.
+        if abs(scaling) * r * float(A.abs().max()) * float(B.abs().max()) > torch.finfo(torch.float32).max:
+            raise LoraError(f"{config_path}: lora_alpha {alpha!r} for {name} makes the update overflow float32; "
+                            "the adapter is corrupt")
+        modules[name] = ModuleAdapter(A, B, scaling, p["embedding"])
+    return modules
+
+
+# ---------------------------------------------------------------- read
+
+def read_adapter(path, device="cpu", root=None):
+    """Read and validate a checkpoint directory (ours or PEFT's) without touching any model.
+
+    Args:
+        path: the checkpoint directory.
+        device: where the weights go.
+        root: when given, every file is opened inside this folder without following symbolic links
+            (OutsideRootError otherwise): use it for paths that come from clients.
+    """
+    path = os.fspath(path)
+    if root is None and not os.path.isdir(path):
+        raise LoraError(f"checkpoint directory {path} does not exist; point to a folder holding adapter_config.json")
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        config = _read_json(config_path, "adapter config", root)
+    except MissingFileError:
+        raise LoraError(f"{config_path} is missing; is {path} a LoRA checkpoint directory (adapter_config.json + "
+                        "adapter_model.safetensors)?") from None
+    check_config(config, config_path)
+    weights_path = os.path.join(path, ADAPTER_WEIGHTS)
+    try:
+        data = read_bytes(weights_path, what="adapter weights", max_bytes=MAX_WEIGHTS_BYTES, root=root)
+    except MissingFileError:
+        pickled = os.path.lexists(os.path.join(path, "adapter_model.bin"))
+        raise LoraError(f"{weights_path} is missing" + (
+            "; this checkpoint is a pickle (adapter_model.bin), which is never loaded here: re-save it with "
+            "PEFT's save_pretrained(safe_serialization=True)" if pickled else "")) from None
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise LoraError(f"{weights_path} is corrupt or truncated ({e}); re-save or re-train this adapter") from None
+    del data
+    modules = _module_adapters(tensors, config, weights_path, config_path)
+    if torch.device(device).type != "cpu":
+        for m in modules.values():
+            m.A, m.B = m.A.to(device), m.B.to(device)
     task_path = os.path.join(path, TASK_FILE)
-    task = _read_json(task_path, "task metadata") if os.path.exists(task_path) else {}
+    try:
+        task = _read_json(task_path, "task metadata", root)
+    except MissingFileError:
+        task = {}  # adapters written by PEFT have none
+    check_task(task, task_path)
     return Adapter(path=path, modules=modules, config=config, task=task)
 
 
@@ -334,12 +602,18 @@ def load_adapter(model, path, device=None, dropout=0.0):
 def load_training_state(path, device="cpu"):
     """Resume state saved beside an adapter, or None. Tensors and plain containers only: no code runs."""
     state_path = os.path.join(path, TRAINING_STATE)
-    if not os.path.exists(state_path):
+    try:
+        data = read_bytes(state_path, what="training state", max_bytes=MAX_STATE_BYTES)
+    except MissingFileError:
         return None
     try:
-        return torch.load(state_path, map_location=device, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as e:
         raise LoraError(f"{state_path} cannot be read ({e}); resume from another checkpoint") from None
+    if not isinstance(state, dict):
+        raise LoraError(f"{state_path} holds a {type(state).__name__}, not a training state; resume from another "
+                        "checkpoint")
+    return state
 
 
 def adapter_size_bytes(path):

@@ -1,14 +1,19 @@
 """The PEFT on-disk format both ways, atomic writes, and checkpoints that must be refused."""
+import errno
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lora
+from lora import checkpoint
+from lora.files import OutsideRootError
 
 IDS = torch.tensor([[5, 9, 2, 7, 11, 3, 8]])
 
@@ -135,3 +140,184 @@ def test_fingerprint_matches_across_dtypes(tiny_llama, tmp_path):
     for dtype in (torch.bfloat16, torch.float16):
         model = lora.load_model(tiny_llama, dtype=dtype)[0]
         lora.load_adapter(model, path)  # same base in another dtype: accepted
+
+
+# ---------------------------------------------------------------- every field of a checkpoint is checked (issue 10.7)
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tiny_llama, tmp_path_factory):
+    return saved(tiny_llama, tmp_path_factory.mktemp("good"))
+
+
+def edited_copy(source, tmp_path, file, edit):
+    """A copy of a checkpoint with one file rewritten: edit(parsed JSON) -> new object, or raw text."""
+    path = shutil.copytree(source, tmp_path / "edited")
+    obj = edit(json.loads((path / file).read_text()))
+    (path / file).write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+CONFIG_CASES = [
+    (lambda c: {**c, "lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
+    (lambda c: json.dumps({**c, "lora_alpha": 0}).replace('"lora_alpha": 0', '"lora_alpha": 1e999'),
+     "lora_alpha must be a finite number, got inf"),
+    (lambda c: {**c, "lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
+    (lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a finite number, got None"),
+    (lambda c: {**c, "lora_alpha": True}, "lora_alpha must be a finite number, got True"),
+    (lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 for .* overflow float32"),
+    (lambda c: {**c, "r": "8"}, "r must be a positive integer, got '8'"),
+    (lambda c: {**c, "r": 0}, "r must be a positive integer, got 0"),
+    (lambda c: {**c, "r": 16}, "has rank 8, but .*adapter_config.json gives it r=16"),
+    (lambda c: {**c, "alpha_pattern": ["q_proj", 4]}, "alpha_pattern must be an object .* not list"),
+    (lambda c: {**c, "alpha_pattern": {"q_proj": "4"}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+    (lambda c: {**c, "alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj\\(' is not a valid regex"),
+    (lambda c: {**c, "rank_pattern": {"v_proj": -2}}, r"rank_pattern\['v_proj'\] must be a positive integer rank"),
+    (lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+    (lambda c: {**c, "target_modules": 7}, "target_modules must be a list of module names"),
+    (lambda c: {**c, "lora_dropout": 2}, "lora_dropout must be a number from 0 to 1"),
+    (lambda c: {**c, "bias": "all"}, r"uses trained biases \(bias='all'\)"),
+    (lambda c: {**c, "use_dora": True}, "uses DoRA"),
+    (lambda c: {**c, "peft_type": "IA3"}, "describes a 'IA3' adapter"),
+    (lambda c: [c], "must be a JSON object of LoRA settings, not list"),
+    (lambda c: '{"r": [[[[' * 20000, "is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("edit, message", CONFIG_CASES)
+def test_bad_config_fields_are_refused_naming_file_and_field(good_checkpoint, tmp_path, edit, message):
+    path = edited_copy(good_checkpoint, tmp_path, "adapter_config.json", edit)
+    with pytest.raises(lora.LoraError, match=message) as error:
+        lora.read_adapter(path)
+    assert f"{path}/adapter_config.json" in str(error.value)
+
+
+TASK_CASES = [
+    (lambda t: [t], "must be a JSON object of task metadata, not list"),
+    (lambda t: {**t, "prompt_format": 5}, "prompt_format must be a str or null, got 5"),
+    (lambda t: {**t, "prompt_format": "Answer: {input}"}, "prompt_format has no {instruction} placeholder"),
+    (lambda t: {**t, "format_version": 99}, "format_version 99, newer than"),
+    (lambda t: {**t, "data_format": "csv"}, "data_format must be one of alpaca, messages, sharegpt"),
+    (lambda t: {**t, "base_fingerprint": {"shapes": ["q_proj"]}}, "base_fingerprint.shapes must map module names"),
+    (lambda t: {**t, "training_args": "lr=1"}, "training_args must be an object or null"),
+]
+
+
+@pytest.mark.parametrize("edit, message", TASK_CASES)
+def test_bad_task_fields_are_refused_naming_file_and_field(good_checkpoint, tmp_path, edit, message):
+    path = edited_copy(good_checkpoint, tmp_path, "lora_task.json", edit)
+    with pytest.raises(lora.LoraError, match=message) as error:
+        lora.read_adapter(path)
+    assert f"{path}/lora_task.json" in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_quantized_or_integer_weights_are_refused(good_checkpoint, tmp_path, dtype):
+    path = shutil.copytree(good_checkpoint, tmp_path / "quantized")
+    weights = path / "adapter_model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(lora.LoraError, match=f"adapter_model.safetensors: .* is {str(dtype)[6:]}; LoRA weights must"):
+        lora.read_adapter(path)
+
+
+def test_every_file_is_read_inside_the_root(good_checkpoint, tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(good_checkpoint, root / "a")
+    shutil.copytree(good_checkpoint, outside)
+    assert lora.read_adapter(root / "a", root=root).modules
+    os.remove(root / "a" / "adapter_model.safetensors")
+    os.symlink(outside / "adapter_model.safetensors", root / "a" / "adapter_model.safetensors")
+    with pytest.raises(OutsideRootError, match="adapter_model.safetensors is a symbolic link"):
+        lora.read_adapter(root / "a", root=root)
+    with pytest.raises(OutsideRootError):
+        lora.read_adapter(outside, root=root)
+    os.mkfifo(root / "fifo")
+    os.mkdir(root / "b")
+    os.symlink("../fifo", root / "b" / "adapter_config.json")
+    with pytest.raises(OutsideRootError, match="symbolic link"):
+        lora.read_adapter(root / "b", root=root)
+
+
+# ---------------------------------------------------------------- overwrites and full disks (issue 10.9, 10.10)
+
+def kill_during_save(model, path, point, after=True):
+    """save_adapter in a forked child that dies like kill -9 (no cleanup runs) just before/after `point` runs."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            owner, name = point.rsplit(".", 1)
+            target = {"checkpoint": checkpoint, "os": os}[owner]
+            real = getattr(target, name)
+
+            def dying(*args, **kwargs):
+                if after:
+                    real(*args, **kwargs)
+                os._exit(0)
+            setattr(target, name, dying)
+            lora.save_adapter(model, path)
+        finally:
+            os._exit(1)  # the save finished without reaching `point`
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def weights_of(path):
+    return lora.read_adapter(path).modules["model.layers.0.self_attn.q_proj"].B
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or checkpoint._renameat2 is None, reason="needs fork and renameat2")
+@pytest.mark.parametrize("point, after, holds", [("checkpoint.exchange", False, "old"),
+                                                 ("checkpoint.exchange", True, "new"),
+                                                 ("checkpoint._remove", False, "new"),
+                                                 ("checkpoint._fsync_dir", True, "old")])
+def test_killed_overwrite_leaves_one_complete_checkpoint_under_the_name(tiny_llama, tmp_path, point, after, holds):
+    model = lora.load_model(tiny_llama)[0]
+    lora.inject(model, ["q_proj"])
+    path = lora.save_adapter(model, tmp_path / "step-120")
+    old = weights_of(path)
+    new = randomized(model).model.layers[0].self_attn.q_proj.lora_B.detach().clone()
+    kill_during_save(model, path, point, after)
+    assert torch.equal(weights_of(path), {"old": old, "new": new}[holds])
+    assert len(os.listdir(tmp_path)) == 2  # the name, plus the hidden copy the killed run left
+    lora.save_adapter(model, tmp_path / "step-130")  # the next save in the folder removes the leftover
+    assert sorted(os.listdir(tmp_path)) == ["step-120", "step-130"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_without_exchange_a_run_killed_between_renames_gets_its_checkpoint_back(tiny_llama, tmp_path, monkeypatch):
+    model = lora.load_model(tiny_llama)[0]
+    lora.inject(model, ["q_proj"])
+    path = lora.save_adapter(model, tmp_path / "step-120")
+    old = weights_of(path)
+    randomized(model)
+
+    def no_exchange(a, b):
+        raise OSError(errno.EINVAL, "not supported by this filesystem")
+    monkeypatch.setattr(checkpoint, "exchange", no_exchange)
+    lora.save_adapter(model, path)  # the fallback overwrites correctly...
+    assert not torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["step-120"]
+    kill_during_save(model, path, "os.rename", after=True)  # ...and a kill between its two renames
+    assert not os.path.exists(path)
+    lora.save_adapter(model, tmp_path / "step-130")
+    assert sorted(os.listdir(tmp_path)) == ["step-120", "step-130"]
+    assert lora.read_adapter(path).modules
+
+
+TORCH_DISK_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+SAFETENSORS_DISK_FULL = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("writer, error", [("torch.save", TORCH_DISK_FULL),
+                                           ("lora.checkpoint.save_file", SAFETENSORS_DISK_FULL),
+                                           ("lora.checkpoint.write_json", OSError(errno.ENOSPC, "No space left"))])
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_llama, tmp_path, monkeypatch, writer, error):
+    model = lora.load_model(tiny_llama)[0]
+    lora.inject(model, ["q_proj"])
+    path = lora.save_adapter(model, tmp_path / "ckpt", training_state={"step": torch.tensor(1)})
+    old = weights_of(path)
+    randomized(model)
+
+    def full(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(writer, full)
+    with pytest.raises(lora.LoraError, match=f"disk full while writing {path}; free space or pass another --checkpoint_dir"):
+        lora.save_adapter(model, path, training_state={"step": torch.tensor(2)})
+    assert torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["ckpt"]
