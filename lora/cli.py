@@ -19,7 +19,7 @@ def cmd_serve(args):
         raise LoraError(f"lora serve needs the serve extra ({e.name} is missing): "
                         "pip install 'lora-pytorch[serve]'") from None
     from .multitask import MultiTaskModel
-    from .serve._interim import Engine
+    from .engine import Engine
 
     for flag, value, least in (("--max-num-seqs", args.max_num_seqs, 1), ("--max-tokens-cap", args.max_tokens_cap, 1),
                                ("--max-prompts", args.max_prompts, 1), ("--max-model-len", args.max_model_len, 2),

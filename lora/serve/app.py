@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ._interim import Engine
+from ..engine import Engine
 from .protocol import APIError, validation_error
 from .routes import router
 from .serving import Serving

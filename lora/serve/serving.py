@@ -12,8 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -22,11 +20,12 @@ from functools import partial
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from safetensors.torch import save_file
 
-from ..checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_FILE, peft_key, read_adapter, write_json
+from ..checkpoint import read_adapter
+from ..engine import QueueFull, SamplingParams
 from ..errors import LoraError
-from ._interim import Output, QueueFull, SamplingParams, prompt_ids
+from ..files import OutsideRootError
+from ..prompts import prompt_ids
 from .protocol import APIError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -94,9 +93,9 @@ class Job:
                 raise APIError(429, f"the server is busy ({e}); retry in {math.ceil(e.retry_after)} s",
                                type="server_error", code="queue_full",
                                headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))}) from None
-            except LoraError as e:
+            except LoraError as e:  # the task was unloaded meanwhile, or a limit of the engine's
                 self.abort()
-                raise APIError(400, str(e)) from None
+                raise self.serving.error_of(self.task, e, status=400) from None
 
     def _push(self, index, output):  # on the engine thread: keep it tiny
         try:
@@ -211,12 +210,9 @@ class Serving:
         # HF tokenizers are not safe to share across threads: each prompt thread gets its own copy.
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prompts")
         self._local = threading.local()
-        self._snapshots = None  # a private folder holding the adapters loaded at run time, see _read_checked
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._snapshots is not None:
-            self._snapshots.cleanup()
 
     # ------------------------------------------------------------ the task registry, as clients see it
 
@@ -243,11 +239,13 @@ class Serving:
         self.task_of(name)
         return self.model_card(name)
 
-    def error_of(self, task, error):
-        """The APIError for a request the engine failed."""
+    def error_of(self, task, error, status=500):
+        """The APIError for a request the engine refused (400) or failed (500)."""
         if task is not None and task not in self.mt.downstreams:
             return APIError(404, f"The model `{task}` was unloaded before this request finished.",
                             param="model", code="model_not_found")
+        if status == 400:
+            return APIError(400, str(error))
         return APIError(500, f"generation failed: {type(error).__name__}: {error}", type="server_error")
 
     # ------------------------------------------------------------ prompts, built in worker threads
@@ -260,29 +258,16 @@ class Serving:
             self._local.tokenizer = copy.deepcopy(self.mt.tokenizer)
         return self._local.tokenizer
 
-    def _task_meta(self, task):
-        if task is None:
-            return None
-        if hasattr(self.mt, "task_meta"):
-            return self.mt.task_meta(task)
-        return dict(self.mt.adapter(task).task)  # interim: until MultiTaskModel.task_meta lands
-
     def _prompt_ids(self, task, **how):
-        ids = prompt_ids(self._tokenizer(), self._task_meta(task), **how)
+        """A request's prompt ids, rendered as the task's training data was (lora.prompts); runs in a worker
+        thread. A chat task sees the whole conversation through the chat template, an Alpaca task the last
+        user message as its {instruction}. An empty prompt starts from the model's start token, as OpenAI's do."""
+        meta = None if task is None else self.mt.task_meta(task)
+        try:
+            ids = prompt_ids(self._tokenizer(), meta, **how)
+        except LoraError as e:
+            raise APIError(400, str(e), param="messages" if "messages" in how else "prompt") from None
         return ids or list(self.start_ids)
-
-    def _chat_ids(self, task, messages):
-        """A chat task (trained with the chat template) sees the whole conversation rendered as in training;
-        an Alpaca task sees the last user message as its {instruction}; the base model its chat template."""
-        users = [m.text() for m in messages if m.role == "user"]
-        if not users:
-            raise APIError(400, "messages hold no user message", param="messages")
-        meta = self._task_meta(task)
-        chat = (meta or {}).get("chat_template") if task is not None else \
-            bool(getattr(self._tokenizer(), "chat_template", None))
-        if chat:
-            return self._prompt_ids(task, messages=[{"role": m.role, "content": m.text()} for m in messages])
-        return self._prompt_ids(task, instruction=users[-1])
 
     # ------------------------------------------------------------ limits
 
@@ -355,7 +340,8 @@ class Serving:
         requested, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
             else (body.max_tokens, "max_tokens")
         self.check_max_tokens(requested, param)
-        ids = await self.off_loop(self._chat_ids, task, body.messages)
+        ids = await self.off_loop(self._prompt_ids, task, messages=[{"role": m.role, "content": m.text()}
+                                                                    for m in body.messages])
         job = self.submit(task, [ids], body, n=body.n, max_tokens=requested, param=param)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "object": "chat.completion.chunk" if body.stream else "chat.completion"}
@@ -405,8 +391,8 @@ class Serving:
     # ------------------------------------------------------------ adapters at run time (vLLM's endpoints)
 
     def _path_in_root(self, path):
-        """`path` (relative ones start at the root) if it names something inside the adapter root, on paper.
-        Symlinks are checked where it matters: as each file is opened (read_adapter with root)."""
+        """`path` (a relative one starts at the root) if it names something inside the adapter root, on paper;
+        links are checked where it matters, as each file is opened (read_adapter with root)."""
         if self.adapter_root is None:
             raise APIError(403, "loading adapters at run time is off; start the server with --adapter-root",
                            param="lora_path", code="adapter_loading_disabled", type="permission_error")
@@ -414,29 +400,9 @@ class Serving:
             raise APIError(400, "lora_path holds a NUL byte", param="lora_path")
         full = os.path.normpath(os.path.join(self.adapter_root, path))  # an absolute `path` replaces the root here
         if os.path.commonpath([self.adapter_root, full]) != self.adapter_root:
-            raise self._outside_root()
+            raise APIError(403, f"lora_path {path} is not inside the adapter root {self.adapter_root}",
+                           param="lora_path", code="path_not_allowed", type="permission_error")
         return full
-
-    def _outside_root(self, detail=""):
-        return APIError(403, f"lora_path must lie inside the adapter root {self.adapter_root}{detail}",
-                        param="lora_path", code="path_not_allowed", type="permission_error")
-
-    def _read_checked(self, path):
-        """Read and check the adapter at `path` inside the root, then copy what was checked into a private
-        folder, which is what the model registers: a later re-read (after cache eviction) sees the same
-        bytes, whatever is swapped into the root meanwhile. Runs in a worker thread."""
-        real = os.path.realpath(path)  # interim: until read_adapter(path, root=...) checks every file it opens
-        if os.path.commonpath([os.path.realpath(self.adapter_root), real]) != os.path.realpath(self.adapter_root):
-            raise self._outside_root()
-        adapter = read_adapter(real)
-        if self._snapshots is None:
-            self._snapshots = tempfile.TemporaryDirectory(prefix="lora-serve-adapters-")
-        folder = tempfile.mkdtemp(dir=self._snapshots.name)
-        save_file({peft_key(name, part, m.embedding): tensor.contiguous() for name, m in adapter.modules.items()
-                   for part, tensor in (("A", m.A), ("B", m.B))}, os.path.join(folder, ADAPTER_WEIGHTS))
-        write_json(os.path.join(folder, ADAPTER_CONFIG), adapter.config)
-        write_json(os.path.join(folder, TASK_FILE), adapter.task)
-        return folder
 
     async def load_adapter(self, body):
         name = body.lora_name
@@ -445,28 +411,26 @@ class Serving:
             raise APIError(400, f"`{name}` is the base model's name", param="lora_name")
         if name in self.mt.downstreams:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-        try:
-            folder = await self.off_loop(self._read_checked, path)
-        except LoraError as e:
-            raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
 
         def register():  # on the engine thread, between two steps
             if name in self.mt.downstreams:
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            self.mt.add_downstream(name, folder)
+            # With root, every read of the checkpoint (now, and again after cache eviction) opens each file
+            # below the root without following links: what is checked is what is read.
+            self.mt.add_downstream(name, path, root=self.adapter_root)
             try:
                 self.mt.adapter(name)  # checked against the base model now, not at its first request
             except BaseException:
                 self.mt.remove_downstream(name)
                 raise
         try:
+            # First a full check in a worker thread, so a bad or slow checkpoint never holds up the engine's steps.
+            await self.off_loop(read_adapter, path, root=self.adapter_root)
             await asyncio.wrap_future(self.engine.call(register))
+        except OutsideRootError as e:
+            raise APIError(403, str(e), param="lora_path", code="path_not_allowed", type="permission_error") from None
         except LoraError as e:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise APIError(400, str(e).replace(folder, path), param="lora_path", code="invalid_adapter") from None
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+            raise APIError(400, str(e), param="lora_path", code="invalid_adapter") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload_adapter(self, body):
