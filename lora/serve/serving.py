@@ -207,6 +207,8 @@ class Serving:
         tokenizer = mt.tokenizer
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.start_ids = [] if start is None else [start]  # what an empty prompt becomes, as OpenAI's models see it
+        # No token spans more characters than the longest in the vocabulary: see check_text_length.
+        self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
         # HF tokenizers are not safe to share across threads: each prompt thread gets its own copy.
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prompts")
         self._local = threading.local()
@@ -277,6 +279,14 @@ class Serving:
                            f"over this server's limit of {self.max_prompts} (--max-prompts); split it into "
                            "smaller requests", param="prompt" if n == 1 else "n", code="too_many_prompts")
 
+    def check_text_length(self, chars, param):
+        """Refuse text too long for the context in any tokenization before tokenizing it: a megabyte takes
+        seconds of CPU to tokenize. (2x margin for normalizers that drop characters.)"""
+        if self.context_length and chars > 2 * self.context_length * self.max_token_chars:
+            raise APIError(400, f"the prompt holds {chars:,} characters, more than this model's maximum context length "
+                           f"of {self.context_length} tokens can hold; shorten it", param=param,
+                           code="context_length_exceeded")
+
     def check_max_tokens(self, requested, param):
         if requested is not None and requested > self.max_tokens_cap:
             raise APIError(400, f"{param} is {requested}, over this server's cap of {self.max_tokens_cap}",
@@ -316,6 +326,8 @@ class Serving:
             raise APIError(400, "prompt is an empty list", param="prompt")
         self.check_count(len(prompts), body.n)
         self.check_max_tokens(body.max_tokens, "max_tokens")
+        for prompt in prompts:
+            self.check_text_length(len(prompt), "prompt")
         ids = await self.off_loop(lambda: [self._prompt_ids(task, prompt=p) for p in prompts])
         job = self.submit(task, ids, body, n=body.n, max_tokens=body.max_tokens,
                           default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
@@ -340,6 +352,7 @@ class Serving:
         requested, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
             else (body.max_tokens, "max_tokens")
         self.check_max_tokens(requested, param)
+        self.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
         ids = await self.off_loop(self._prompt_ids, task, messages=[{"role": m.role, "content": m.text()}
                                                                     for m in body.messages])
         job = self.submit(task, [ids], body, n=body.n, max_tokens=requested, param=param)
@@ -366,6 +379,7 @@ class Serving:
         """The native API: {downstream, instruction, input} in, generate_response's answer out."""
         task = None if body.downstream is None else self.task_of(body.downstream, param="downstream")
         self.check_max_tokens(body.max_new_tokens, "max_new_tokens")
+        self.check_text_length(len(body.instruction) + len(body.input), "instruction")
         ids = await self.off_loop(self._prompt_ids, task, instruction=body.instruction, input=body.input)
         job = self.submit(task, [ids], body, max_tokens=body.max_new_tokens,
                           default_max_tokens=GENERATE_DEFAULT_MAX_TOKENS, param="max_new_tokens")
