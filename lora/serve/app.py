@@ -108,7 +108,8 @@ def create_app(mt, engine=None, *, served_model_name=None, adapter_root=None, ap
         mt, engine, adapter_root=adapter_root, max_tokens_cap=max_tokens_cap,
         model_name=served_model_name or os.path.basename(os.path.normpath(config._name_or_path)),
         max_prompts=max_prompts or getattr(engine, "max_num_seqs", 16),
-        context_length=context_length or getattr(config, "max_position_embeddings", None))
+        context_length=context_length or getattr(engine, "max_model_len", None)
+        or getattr(config, "max_position_embeddings", None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -30,6 +30,7 @@ from .protocol import APIError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 GENERATE_DEFAULT_MAX_TOKENS = 256  # generate_response's
+LONG_PROMPT_CHARS = 1 << 16  # longer prompts are tokenized in a thread of their own (see Serving.__init__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 
 
@@ -176,7 +177,7 @@ class Stripper:
         self.sent = {}
 
     def delta(self, index, out):
-        text = out.text.strip() if out.finished else out.text.lstrip().rstrip()
+        text = out.text.strip()
         sent = self.sent.get(index, "")
         if len(text) <= len(sent) or not text.startswith(sent):
             return ""
@@ -209,12 +210,16 @@ class Serving:
         self.start_ids = [] if start is None else [start]  # what an empty prompt becomes, as OpenAI's models see it
         # No token spans more characters than the longest in the vocabulary: see check_text_length.
         self.max_token_chars = max(map(len, tokenizer.get_vocab()), default=1)
-        # HF tokenizers are not safe to share across threads: each prompt thread gets its own copy.
+        # Prompts are tokenized in worker threads, long ones (up to seconds of CPU each) in a thread of their
+        # own so they queue behind each other, never in front of short ones. HF tokenizers are not safe to
+        # share across threads: each thread gets its own copy.
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prompts")
+        self._long_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-long-prompts")
         self._local = threading.local()
 
     def close(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._long_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ the task registry, as clients see it
 
@@ -252,8 +257,10 @@ class Serving:
 
     # ------------------------------------------------------------ prompts, built in worker threads
 
-    async def off_loop(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+    async def off_loop(self, fn, *args, chars=0, **kwargs):
+        """fn(*args, **kwargs) in a worker thread; `chars`: the text it tokenizes, which picks the pool."""
+        pool = self._long_pool if chars > LONG_PROMPT_CHARS else self._pool
+        return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
 
     def _tokenizer(self):
         if not hasattr(self._local, "tokenizer"):
@@ -328,7 +335,8 @@ class Serving:
         self.check_max_tokens(body.max_tokens, "max_tokens")
         for prompt in prompts:
             self.check_text_length(len(prompt), "prompt")
-        ids = await self.off_loop(lambda: [self._prompt_ids(task, prompt=p) for p in prompts])
+        ids = await self.off_loop(lambda: [self._prompt_ids(task, prompt=p) for p in prompts],
+                                  chars=sum(map(len, prompts)))
         job = self.submit(task, ids, body, n=body.n, max_tokens=body.max_tokens,
                           default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -352,9 +360,10 @@ class Serving:
         requested, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
             else (body.max_tokens, "max_tokens")
         self.check_max_tokens(requested, param)
-        self.check_text_length(sum(len(m.text()) for m in body.messages), "messages")
-        ids = await self.off_loop(self._prompt_ids, task, messages=[{"role": m.role, "content": m.text()}
-                                                                    for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        chars = sum(len(m["content"]) for m in messages)
+        self.check_text_length(chars, "messages")
+        ids = await self.off_loop(self._prompt_ids, task, messages=messages, chars=chars)
         job = self.submit(task, [ids], body, n=body.n, max_tokens=requested, param=param)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "object": "chat.completion.chunk" if body.stream else "chat.completion"}
@@ -379,8 +388,9 @@ class Serving:
         """The native API: {downstream, instruction, input} in, generate_response's answer out."""
         task = None if body.downstream is None else self.task_of(body.downstream, param="downstream")
         self.check_max_tokens(body.max_new_tokens, "max_new_tokens")
-        self.check_text_length(len(body.instruction) + len(body.input), "instruction")
-        ids = await self.off_loop(self._prompt_ids, task, instruction=body.instruction, input=body.input)
+        chars = len(body.instruction) + len(body.input)
+        self.check_text_length(chars, "instruction")
+        ids = await self.off_loop(self._prompt_ids, task, instruction=body.instruction, input=body.input, chars=chars)
         job = self.submit(task, [ids], body, max_tokens=body.max_new_tokens,
                           default_max_tokens=GENERATE_DEFAULT_MAX_TOKENS, param="max_new_tokens")
         (out,) = await job.wait(request)
