@@ -15,15 +15,20 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
 
+from lora.chat import render_chat
 from lora.cli import main
+from lora.engine import Engine
 from lora.multitask import MultiTaskModel
 from lora.serve import DrainingServer, create_app
-from tests.conftest import finetune_argv, write_task
+from tests.conftest import CHAT_TEMPLATE, finetune_argv, write_task
 
 TASKS = {"color": ("color", 0), "reverse": ("reverse", 0), "color2": ("color", 1), "reverse2": ("reverse", 1)}
 QUESTIONS = [f"What colour is the {thing}?" for thing in ("apple", "river", "stone", "violin", "garden")]
 CAP = 64  # --max-tokens-cap of the test server
+MAX_PROMPTS = 16  # --max-prompts of the test server: the engine's default max_num_seqs
 
 
 def train(model, root, name, task, seed):
@@ -34,18 +39,52 @@ def train(model, root, name, task, seed):
     return root / f"run-{name}" / "final"
 
 
+CHAT_SYSTEM = "You name colours."
+
+
+def chat_adapter(source, folder):
+    """A copy of an adapter whose lora_task.json says it was trained on chat data with a system prompt."""
+    shutil.copytree(source, folder)
+    meta = json.loads((folder / "lora_task.json").read_text())
+    meta.pop("prompt_format", None)
+    meta.update(data_format="messages", chat_template=True, system_prompt=CHAT_SYSTEM)
+    (folder / "lora_task.json").write_text(json.dumps(meta))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory, tiny_llama):
-    """Four task adapters, plus an adapter root holding one more (`extra`), an empty folder and a
-    symlink that leads out of the root to a real adapter."""
+    """Four Alpaca task adapters and a chat one, plus an adapter root holding one more (`extra`), an empty
+    folder, a symlink that leads out of the root, and checkpoints an attacker would write."""
     root = tmp_path_factory.mktemp("serve")
     paths = {name: train(tiny_llama, root, name, task, seed) for name, (task, seed) in TASKS.items()}
+    paths["color-chat"] = chat_adapter(paths["color"], root / "color-chat")
     adapter_root = root / "adapter-root"
     adapter_root.mkdir()
     shutil.copytree(train(tiny_llama, root, "extra", "reverse", 2), adapter_root / "extra")
     (adapter_root / "empty").mkdir()
     os.symlink(paths["color"], adapter_root / "escape")
+    fifo = adapter_root / "fifo"  # a named pipe as its config: reading it would wait forever for a writer
+    fifo.mkdir()
+    os.mkfifo(fifo / "adapter_config.json")
+    linked = adapter_root / "linked"  # in the root, but its weights are a link to a file outside it
+    linked.mkdir()
+    shutil.copy(paths["color"] / "adapter_config.json", linked)
+    os.symlink(paths["color"] / "adapter_model.safetensors", linked / "adapter_model.safetensors")
+    malformed = shutil.copytree(adapter_root / "extra", adapter_root / "malformed")
+    (malformed / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
     return paths, adapter_root
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory, tiny_llama):
+    """tiny_llama with a chat template, as an -Instruct model ships: the chat task needs one."""
+    folder = tmp_path_factory.mktemp("chat-llama") / "model"
+    shutil.copytree(tiny_llama, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @contextlib.contextmanager
@@ -68,18 +107,18 @@ def serving(app):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, adapters):
+def server(chat_llama, adapters):
     paths, adapter_root = adapters
-    mt = MultiTaskModel(tiny_llama, paths)
-    app = create_app(mt, base_name="tiny", adapter_root=str(adapter_root), max_tokens_cap=CAP, batch_wait_ms=20)
+    mt = MultiTaskModel(chat_llama, paths)
+    app = create_app(mt, served_model_name="tiny", adapter_root=str(adapter_root), max_tokens_cap=CAP)
     with serving(app) as url:
         yield url, mt
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llama, adapters):
+def reference(chat_llama, adapters):
     """The library's own answers, one request at a time, from a model the server does not share."""
-    mt = MultiTaskModel(tiny_llama, adapters[0])
+    mt = MultiTaskModel(chat_llama, adapters[0])
     mt.add_downstream("extra", adapters[1] / "extra")
     return mt
 
@@ -95,7 +134,7 @@ def raw_prompt(question):
 
 def test_models_lists_the_base_model_and_every_task(client):
     models = client.models.list().data
-    assert [m.id for m in models] == ["tiny", "color", "color2", "reverse", "reverse2"]
+    assert [m.id for m in models] == ["tiny", "color", "color-chat", "color2", "reverse", "reverse2"]
     assert all(m.owned_by == "lora-pytorch" for m in models)
     assert client.models.retrieve("reverse").id == "reverse"
 
@@ -129,6 +168,42 @@ def test_chat_fills_the_task_prompt_with_the_last_user_message(client, reference
                       {"role": "assistant", "content": "ok"}, {"role": "user", "content": QUESTIONS[1]}])
         assert out.choices[0].message.role == "assistant"
         assert out.choices[0].message.content == reference.generate_response(task, QUESTIONS[1], max_new_tokens=10)
+
+
+def test_chat_task_gets_the_whole_conversation_in_its_chat_template(client, reference):
+    """A task trained on chat data sees what training showed it: every turn, its system prompt, the template."""
+    messages = [{"role": "user", "content": "an earlier turn"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": QUESTIONS[1]}]
+    out = client.chat.completions.create(model="color-chat", messages=messages, max_tokens=10)
+    expected = reference.generate_responses([{"downstream": "color-chat", "messages": messages, "max_new_tokens": 10}])
+    assert out.choices[0].message.content == expected[0]
+    assert out.usage.prompt_tokens == len(render_chat(reference.tokenizer, messages, CHAT_SYSTEM))
+    assert out.usage.prompt_tokens > len(render_chat(reference.tokenizer, messages))  # the system prompt was added
+
+
+def test_sampling_fields_reach_the_engine(client):
+    prompt = raw_prompt(QUESTIONS[3])
+
+    def complete(**fields):
+        return client.completions.create(model="color2", prompt=prompt, **{"max_tokens": 12, **fields})
+    greedy = complete().choices[0].text
+    sampled = [complete(temperature=1.5, seed=seed).choices[0].text for seed in (7, 7, 8, 9, 10)]
+    assert sampled[0] == sampled[1] and len(set(sampled)) > 1  # a seed reproduces its sample; seeds differ
+    assert complete(temperature=1.5, extra_body={"top_k": 1}).choices[0].text == greedy
+    long = complete(max_tokens=20, extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 20 and long.choices[0].finish_reason == "length"
+    at_least = complete(max_tokens=9, extra_body={"min_tokens": 9})
+    assert at_least.usage.completion_tokens == 9
+    several = complete(n=3, temperature=1.5, seed=1)
+    assert [c.index for c in several.choices] == [0, 1, 2] and several.usage.completion_tokens > 0
+    assert [c.text for c in several.choices] == [c.text for c in complete(n=3, temperature=1.5, seed=1).choices]
+
+
+def test_empty_prompt_gets_a_normal_answer(client):
+    alone = client.completions.create(model="color", prompt="", max_tokens=4)
+    assert alone.choices[0].finish_reason in ("stop", "length")
+    batched = client.completions.create(model="color", prompt=["", raw_prompt(QUESTIONS[0])], max_tokens=4)
+    assert batched.choices[0].text == alone.choices[0].text and len(batched.choices) == 2
 
 
 def test_native_generate_answers_as_generate_response(server, reference):
@@ -201,6 +276,47 @@ def test_adapters_load_only_from_inside_the_adapter_root(server, adapters):
     assert "sneaky" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
 
 
+def test_adapter_files_are_checked_as_they_are_opened(server):
+    """A FIFO config, weights linked out of the root and corrupt weights: quick 4xx naming the file, and
+    the server keeps serving."""
+    url = server[0]
+
+    def load(path):
+        return httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "sneaky", "lora_path": path}, timeout=30)
+    start = time.monotonic()
+    fifo = load("fifo")
+    assert time.monotonic() - start < 10
+    assert fifo.status_code == 400 and fifo.json()["error"]["code"] == "invalid_adapter"
+    assert "fifo/adapter_config.json" in fifo.json()["error"]["message"] and "FIFO" in fifo.json()["error"]["message"]
+    linked = load("linked")
+    assert linked.status_code == 403 and "adapter_model.safetensors" in linked.json()["error"]["message"]
+    malformed = load("malformed")
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "lora_path"
+    assert "malformed/adapter_model.safetensors" in malformed.json()["error"]["message"]
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+    assert "sneaky" not in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+
+
+def test_a_reread_after_eviction_checks_the_root_again(tiny_llama, adapters, tmp_path):
+    """An adapter swapped for a link out of the root after it was loaded is refused when it is read again."""
+    paths, adapter_root = adapters
+    root = tmp_path / "root"
+    for name in ("swap", "other"):
+        shutil.copytree(adapter_root / "extra", root / name)
+    mt = MultiTaskModel(tiny_llama, cache_bytes=1, merged_cache_bytes=0)  # every switch re-reads from disk
+    with serving(create_app(mt, served_model_name="tiny", adapter_root=str(root))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for name in ("swap", "other"):
+            assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name}).is_success
+        os.rename(root / "swap", tmp_path / "swap-old")
+        os.symlink(paths["color"], root / "swap")
+        client.completions.create(model="other", prompt="hi", max_tokens=2)  # "swap" leaves the cache
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="swap", prompt=raw_prompt(QUESTIONS[0]), max_tokens=8)
+        assert "symbolic link" in error_of(e)["message"]
+        assert client.completions.create(model="other", prompt="hi", max_tokens=2).choices  # and it still serves
+
+
 def error_of(excinfo):
     """The OpenAI error object of a failed call, checked for OpenAI's shape."""
     body = excinfo.value.response.json()
@@ -226,8 +342,8 @@ def test_errors_come_in_openai_shape_with_the_right_status(server, client):
         client.completions.create(model="color", prompt="hi", max_tokens=CAP + 1)
     assert error_of(e)["param"] == "max_tokens" and error_of(e)["code"] == "max_tokens_exceeded"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="color", prompt="hi", max_tokens=2, n=2)
-    assert error_of(e)["param"] == "n"
+        client.completions.create(model="color", prompt="hi", max_tokens=2, n=MAX_PROMPTS + 1)
+    assert error_of(e)["param"] == "n" and error_of(e)["code"] == "too_many_prompts"
 
     with pytest.raises(openai.UnprocessableEntityError) as e:
         client.completions.create(model="color", prompt="hi", max_tokens="5")
@@ -248,11 +364,91 @@ def test_errors_come_in_openai_shape_with_the_right_status(server, client):
     assert unknown.status_code == 404 and set(unknown.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_chunked_body_over_the_limit_gets_413_as_it_arrives(server):
+    """No Content-Length to trust: the bytes are counted as they come, and the rest is never read."""
+    def body():
+        yield b'{"model": "color", "prompt": "'
+        for _ in range(3 * 16):  # 3 MiB in 64 KiB chunks, sent with Transfer-Encoding: chunked
+            yield b"x" * (64 << 10)
+        yield b'"}'
+    refused = httpx.post(server[0] + "/v1/completions", content=body(), headers={"content-type": "application/json"},
+                         timeout=30)
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+
+
+def test_huge_prompt_is_refused_while_health_stays_fast(server):
+    """Prompts near the body limit are refused before they are tokenized (seconds of CPU each), and
+    /health does not wait for them meanwhile."""
+    url, answers = server[0], []
+
+    def send():
+        for _ in range(3):
+            answers.append(httpx.post(url + "/v1/completions", timeout=120, json={
+                "model": "color", "prompt": "apple river stone cloud, " * 40000, "max_tokens": 2}))
+    sender = threading.Thread(target=send)
+    sender.start()
+    latencies = []
+    while sender.is_alive() or not latencies:
+        start = time.monotonic()
+        assert httpx.get(url + "/health", timeout=120).status_code == 200
+        latencies.append(time.monotonic() - start)
+        time.sleep(0.01)
+    sender.join()
+    assert [a.json()["error"]["code"] for a in answers] == ["context_length_exceeded"] * 3
+    assert max(latencies) < 3.0  # tokenizing these prompts on the event loop would stall it for 4+ s each
+
+
+def test_prompts_times_n_are_bounded_per_request(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="color", prompt=["hi"] * (MAX_PROMPTS + 1), max_tokens=2)
+    assert error_of(e)["param"] == "prompt" and error_of(e)["code"] == "too_many_prompts"
+    assert f"limit of {MAX_PROMPTS} (--max-prompts)" in error_of(e)["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="color", prompt=["hi"] * 4, max_tokens=2, n=MAX_PROMPTS // 4 + 1)
+    assert error_of(e)["param"] == "n"
+    assert len(client.completions.create(model="color", prompt=["hi"] * 4, n=MAX_PROMPTS // 4, max_tokens=2).choices) \
+        == MAX_PROMPTS
+
+
+def test_metrics_in_prometheus_format(server, client):
+    url = server[0]
+    before = metrics(url)
+    client.chat.completions.create(model="reverse", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                   max_tokens=8, extra_body={"ignore_eos": True})
+    after = metrics(url)
+    assert httpx.get(url + "/metrics").headers["content-type"].startswith("text/plain")
+    for name in ("lora:num_requests_running", "lora:num_requests_waiting", "lora:kv_cache_usage_perc"):
+        assert (name, ()) in after
+    assert after[("lora:prompt_tokens_total", ())] > before[("lora:prompt_tokens_total", ())]
+    assert after[("lora:generation_tokens_total", ())] - before[("lora:generation_tokens_total", ())] >= 8
+
+    def count(values, name, **labels):
+        return values.get((name, tuple(sorted(labels.items()))), 0)
+    assert count(after, "lora:time_to_first_token_seconds_count", task="reverse") \
+        == count(before, "lora:time_to_first_token_seconds_count", task="reverse") + 1
+    gaps = count(after, "lora:inter_token_latency_seconds_count", task="reverse") \
+        - count(before, "lora:inter_token_latency_seconds_count", task="reverse")
+    assert 0 < gaps <= 7  # one per token after the first (tokens that show no text yet arrive with the next)
+    assert count(after, "lora:request_success_total", task="reverse", finished_reason="length") \
+        == count(before, "lora:request_success_total", task="reverse", finished_reason="length") + 1
+
+
+def test_a_full_queue_gets_429_with_retry_after(tiny_llama):
+    mt = MultiTaskModel(tiny_llama)
+    with serving(create_app(mt, Engine(mt, max_waiting=0), served_model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        assert error_of(e)["code"] == "queue_full" and int(e.value.response.headers["retry-after"]) >= 1
+        assert httpx.get(url + "/health").status_code == 200
+
+
 def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
-    app = create_app(MultiTaskModel(tiny_llama, {"color": adapters[0]["color"]}), base_name="tiny", api_key="sekret")
+    app = create_app(MultiTaskModel(tiny_llama, {"color": adapters[0]["color"]}), served_model_name="tiny", api_key="sekret")
     with serving(app) as url:
         assert httpx.get(url + "/health").status_code == 200
-        for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/color"), ("POST", "/v1/completions"),
+        for method, path in (("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/color"),
+                             ("POST", "/v1/completions"),
                              ("POST", "/v1/chat/completions"), ("POST", "/v1/generate"),
                              ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/unload_lora_adapter")):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
@@ -263,6 +459,7 @@ def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny", "color"]
+        assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert client.completions.create(model="color", prompt="hi", max_tokens=3).choices[0].finish_reason
         # Without --adapter-root, loading at run time is off.
         refused = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"},
@@ -270,24 +467,24 @@ def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "adapter_loading_disabled"
 
 
-def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
-    """Concurrent clients are batched together, tasks mixed, and each answer is the one it gets alone."""
-    mt = server[1]
-    batches = []
-    run_batch = mt.run_batch
+def metrics(url):
+    """/metrics parsed: {(sample name, sorted labels): value}."""
+    text = httpx.get(url + "/metrics").text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
-    def spy(prompts, tasks, mixed=False, **kwargs):
-        batches.append((mixed, list(tasks)))
-        return run_batch(prompts, tasks, mixed, **kwargs)
-    mt.run_batch = spy
+
+def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
+    """Concurrent clients share the engine's steps, tasks mixed, and each answer is the one it gets alone."""
+    url = server[0]
     expected = {(task, q): reference.generate_response(task, q, max_new_tokens=6) for task in TASKS for q in QUESTIONS}
     jobs = [(list(TASKS)[i % 4], QUESTIONS[(i // 4) % len(QUESTIONS)], i % 3) for i in range(200)]
+    before = metrics(url)
 
     def ask(job):
         task, question, kind = job
         if kind == 0:
-            out = client.completions.create(model=task, prompt=reference.prompt_for(
-                {"downstream": task, "instruction": question}), max_tokens=6)
+            out = client.completions.create(model=task, prompt=raw_prompt(question), max_tokens=6)
             return out.choices[0].text.strip()
         if kind == 1:
             out = client.chat.completions.create(model=task, messages=[{"role": "user", "content": question}], max_tokens=6)
@@ -295,15 +492,28 @@ def test_load_200_requests_from_16_clients_over_4_tasks(server, client, referenc
         chunks = client.chat.completions.create(model=task, messages=[{"role": "user", "content": question}],
                                                 max_tokens=6, stream=True)
         return "".join(c.choices[0].delta.content or "" for c in chunks)
+    running, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            running.append(metrics(url)[("lora:num_requests_running", ())])
+            time.sleep(0.01)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, jobs))
     finally:
-        del mt.run_batch
+        done.set()
+        watcher.join()
     assert answers == [expected[task, question] for task, question, _ in jobs]
-    assert sum(len(tasks) for _, tasks in batches) == 200
-    assert any(mixed and len(set(tasks)) > 1 for mixed, tasks in batches)  # tasks did share batches
-    assert len(batches) < 100  # and requests did share batches
+    assert max(running) > 1  # requests did run together
+    after = metrics(url)
+    for task in TASKS:
+        key = ("lora:request_success_total", (("finished_reason", "length"), ("task", task)))
+        stopped = ("lora:request_success_total", (("finished_reason", "stop"), ("task", task)))
+        assert after.get(key, 0) + after.get(stopped, 0) - before.get(key, 0) - before.get(stopped, 0) == 50
+    assert after[("lora:generation_tokens_total", ())] > before[("lora:generation_tokens_total", ())]
 
 
 def free_port():
@@ -312,8 +522,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path, tiny_llama, adapters):
-    """`lora serve` as a user starts it; the key comes from LORA_API_KEY."""
+def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapters):
+    """`lora serve` as a user starts it (the key from LORA_API_KEY): after SIGTERM the socket stays open,
+    /health and new requests get 503, the requests in flight finish, then the process exits."""
     paths = adapters[0]
     mapper = tmp_path / "tasks.json"
     mapper.write_text(json.dumps({"color": str(paths["color"]), "reverse": str(paths["reverse"])}))
@@ -321,7 +532,7 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path, tiny
     env = {**os.environ, "LORA_API_KEY": "k3y", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "lora.cli", "serve", "--model", tiny_llama, "--mapper", str(mapper),
-                             "--port", str(port), "--max-batch-size", "1", "--max-tokens-cap", "200", "--device", "cpu"],
+                             "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -335,31 +546,36 @@ def test_sigterm_finishes_requests_in_flight_and_refuses_new_ones(tmp_path, tiny
             time.sleep(0.2)
         assert httpx.get(url + "/v1/models").status_code == 401
         client = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=120)
+        # The base model's id is the model folder's name (vLLM's default), never the server's local path.
+        name = os.path.basename(tiny_llama)
+        assert [m.id for m in client.models.list().data] == [name, "color", "reverse"]
+        with pytest.raises(openai.NotFoundError) as e:
+            client.completions.create(model="nope", prompt="hi", max_tokens=2)
+        assert name in error_of(e)["message"] and tiny_llama not in error_of(e)["message"]
+
         prompts = [raw_prompt(q) for q in QUESTIONS[:4]]
-        expected = [client.completions.create(model="color", prompt=p, max_tokens=150).choices[0].text for p in prompts]
+        long = {"max_tokens": 60, "extra_body": {"ignore_eos": True}}
+        expected = [client.completions.create(model="color", prompt=p, **long).choices[0].text for p in prompts]
 
         def stream(prompt):
-            return client.completions.create(model="color", prompt=prompt, max_tokens=150, stream=True)
-        # One runs at a time (--max-batch-size 1), so when SIGTERM comes some are still waiting in the queue.
+            return client.completions.create(model="color", prompt=prompt, stream=True, **long)
+        # One runs at a time (--max-num-seqs 1), so when SIGTERM comes some are still waiting in the queue.
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             streams = list(pool.map(stream, prompts))
             first = next(iter(streams[0]))
             proc.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:  # draining: /health says so, or the listening socket is closed
-                try:
-                    if httpx.get(url + "/health").status_code == 503:
-                        break
-                except httpx.TransportError:
-                    break
+            deadline = time.monotonic() + 30
+            while (status := httpx.get(url + "/health").status_code) != 503:  # a refused connection fails here
+                assert status == 200 and time.monotonic() < deadline
                 time.sleep(0.01)
-            with pytest.raises((openai.APIConnectionError, openai.APIStatusError)) as e:
+            with pytest.raises(openai.APIStatusError) as e:
                 client.completions.create(model="color", prompt="hi", max_tokens=2)
-            assert not isinstance(e.value, openai.APIStatusError) or e.value.status_code == 503
+            assert e.value.status_code == 503 and error_of(e)["code"] == "shutting_down"
+            assert httpx.get(url + "/health").status_code == 503
             texts = list(pool.map(lambda s: "".join(c.choices[0].text for c in s), streams))
         texts[0] = first.choices[0].text + texts[0]
         assert texts == expected
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
