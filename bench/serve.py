@@ -29,6 +29,8 @@ Adapters and model for a reproducible run, offline (bench/make_adapters.py write
 """
 import argparse
 import asyncio
+import dataclasses
+import json
 import math
 import os
 import platform
@@ -56,7 +58,7 @@ WORDS = ("the of and to in is was for on that with as by at from his her this wh
 TASK_HINTS = ("Summarize the text.", "Continue the story.", "Rewrite the text formally.", "List the main points.",
               "Translate the text to French.", "Answer the question in the text.", "Give the text a title.",
               "Explain the text to a child.")
-SHORT_TOKENS, LONG_TOKENS = 8, 300  # the short-behind-long probe
+SHORT_TOKENS = 8  # the short-behind-long probe
 
 
 @dataclass(frozen=True)
@@ -198,13 +200,13 @@ async def alone(client, requests):
     return answers
 
 
-async def short_behind_long(client, tasks, seed):
+async def short_behind_long(client, tasks, long_tokens, seed):
     """(short alone s, short behind long s, long tokens): the short request is sent once the long one streams."""
     rng = random.Random(seed + 3)
     short = Request(tasks[-1], f"Continue the story.\n\n{' '.join(rng.choices(WORDS, k=24)).capitalize()}.\n\n",
                     SHORT_TOKENS)
     long = Request(tasks[0], f"Continue the story.\n\n{' '.join(rng.choices(WORDS, k=24)).capitalize()}.\n\n",
-                   LONG_TOKENS)
+                   long_tokens)
     solo = statistics.median([(await send(client, short)).latency for _ in range(3)])
     streaming = asyncio.Event()
     long_task = asyncio.create_task(send(client, long, on_first_token=streaming))
@@ -284,7 +286,7 @@ def report(args, runs, answers, probes, loads):
                 print(f"- {mix}: {first} reaches {speed:.2f}x {other}'s tokens/s, at {p95:.2f}x its p95 latency; "
                       f"the same answers in {equal}/{total} pairs")
     if probes:
-        print(f"\nShort behind long: a {SHORT_TOKENS}-token request sent while a {LONG_TOKENS}-token one is "
+        print(f"\nShort behind long: a {SHORT_TOKENS}-token request sent while a {args.long_tokens}-token one is "
               "generating (another task), vs alone\n")
         print("| server | short alone | short behind long | ratio | long request's tokens |")
         print("|---|---|---|---|---|")
@@ -295,6 +297,18 @@ def report(args, runs, answers, probes, loads):
                   f"| {mine[0][2]} |")
     print(f"\nMachine: {machine_line()}; load average {loads[0]:.2f} before, {loads[1]:.2f} after. "
           f"Command: python bench/serve.py {shlex.join(sys.argv[1:])}")
+
+
+def save(path, runs, answers, probes):
+    """The raw results, for a second look: per run its wall time and requests, per server its alone answers."""
+    data = {"runs": [{"server": run.server, "mix": run.mix, "wall": run.wall,
+                      "results": [dataclasses.asdict(r) for r in run.results]} for run in runs],
+            "alone": {name: [{**dataclasses.asdict(request), "text": text} for request, text in by_request.items()]
+                      for name, by_request in answers.items()},
+            "probes": [{"server": name, "short_alone": p[0], "short_behind_long": p[1], "long_tokens": p[2]}
+                       for name, p in probes]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, allow_nan=True)
 
 
 # ---------------------------------------------------------------- main
@@ -321,7 +335,9 @@ def parse_args(argv=None):
     p.add_argument("--reference", default="self",
                    help="where '= alone' answers come from: self (each server, one request at a time), the NAME of "
                         "one --base-url, another URL, or none")
+    p.add_argument("--long-tokens", type=int, default=300, help="the long request of the short-behind-long probe")
     p.add_argument("--no-probe", action="store_true", help="skip the short-behind-long probe")
+    p.add_argument("--save", help="also write every request's result and alone answer to this JSON file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     urls = {}
@@ -375,7 +391,7 @@ async def main(args):
                 runs.append(await run_trace(name, clients[name], mix, requests, args, arrivals))
         if not args.no_probe:
             for name in args.base_url:
-                probes.append((name, await short_behind_long(clients[name], args.tasks, args.seed + round)))
+                probes.append((name, await short_behind_long(clients[name], args.tasks, args.long_tokens, args.seed + round)))
                 log(f"{name} short behind long: {probes[-1][1][1]:.2f} s, alone {probes[-1][1][0]:.2f} s")
     every = [r for requests in traces.values() for r in requests]
     answers = {}
@@ -384,6 +400,8 @@ async def main(args):
             log(f"{name}: each request alone")
             answers[name] = {request: result.text for request, result in (await alone(clients[name], every)).items()}
     loads.append(os.getloadavg()[0])
+    if args.save:
+        save(args.save, runs, answers, probes)
     report(args, runs, answers, probes, loads)
 
 
