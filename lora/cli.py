@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 
+from .distributed import launched_by_torchrun
 from .errors import LoraError
 
 
@@ -10,6 +11,15 @@ def cmd_finetune(args):
     from .train import finetune
 
     finetune(args)
+
+
+def launch_finetune(args, argv):
+    """`lora finetune --nproc_per_node N`: check the flags here, then let torchrun start N processes."""
+    from . import distributed
+    from .train import check_arguments
+
+    check_arguments(args)
+    return distributed.launch(args.nproc_per_node, argv)
 
 
 def cmd_serve(args):
@@ -238,7 +248,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="lora", description="LoRA finetuning and multi-task serving")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("finetune", help="train one LoRA adapter on Alpaca-format data")
+    p = sub.add_parser("finetune", help="train one LoRA adapter (Alpaca or chat data, one or more processes)")
     add_arguments(p).set_defaults(func=cmd_finetune)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many task adapters")
     add_serve_arguments(p).set_defaults(func=cmd_serve)
@@ -257,6 +267,8 @@ def main(argv=None):
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere, also after the subcommand
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "finetune" and args.nproc_per_node > 1 and not launched_by_torchrun():
+            return launch_finetune(args, argv + ["--debug"] * debug)
         args.func(args)
     except KeyboardInterrupt:
         if debug:
@@ -267,7 +279,9 @@ def main(argv=None):
         if debug:
             raise
         message = str(e) if isinstance(e, LoraError) else f"{type(e).__name__}: {e} (run with --debug for the traceback)"
-        print(f"error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not isinstance(e, LoraError):  # bad input fails every process alike: say it once
+            print(f"error: {message}" if rank == "0" else f"error (process {rank}): {message}", file=sys.stderr)
         return 2
     return 0
 

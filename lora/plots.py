@@ -1,6 +1,5 @@
 """Pictures: training loss curves and base-vs-adapter metric bars (matplotlib, optional)."""
-import json
-import os
+from .metrics import read_metrics, train_rows, validation_rows
 
 
 def _pyplot():
@@ -14,13 +13,6 @@ def _pyplot():
     return plt
 
 
-def read_metrics(path):
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plot_losses(runs, png_path, title="LoRA finetuning"):
     """runs: {label: metrics.jsonl path}. Train loss per step (solid), validation loss per epoch (dots)."""
     plt = _pyplot()
@@ -30,8 +22,8 @@ def plot_losses(runs, png_path, title="LoRA finetuning"):
     for i, (label, path) in enumerate(runs.items()):
         rows = read_metrics(path)
         color = f"C{i}"
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        train = [(r["step"], r["loss"]) for r in train_rows(rows)]
+        val = [(r["step"], r["val_loss"]) for r in validation_rows(rows)]
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{label} train")
         if val:

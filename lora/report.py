@@ -14,6 +14,7 @@ import json
 import os
 import statistics
 
+from .metrics import read_metrics, train_rows, validation_rows
 from .plots import plot_losses, plot_metrics
 
 METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L F1"}
@@ -58,10 +59,8 @@ def size_table(summary):
 def training_table(tasks):
     lines = ["| task | optimizer steps | training time | last train loss | validation loss |", "|---|---:|---:|---:|---:|"]
     for t in tasks:
-        rows = [json.loads(line) for line in open(t["metrics_path"], encoding="utf-8")] \
-            if os.path.exists(t["metrics_path"]) else []
-        train = [r for r in rows if "loss" in r]
-        val = [r for r in rows if "val_loss" in r]
+        rows = read_metrics(t["metrics_path"])
+        train, val = train_rows(rows), validation_rows(rows)
         took = minutes(t["train_seconds"]) if t.get("train_seconds") is not None else "reused"
         lines.append(f"| {t['task']} | {train[-1]['step'] if train else '-'} | {took} | "
                      f"{train[-1]['loss'] if train else float('nan'):.3f} | "

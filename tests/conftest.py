@@ -1,4 +1,5 @@
 """Tiny random models and a locally trained tokenizer: the whole suite runs offline in minutes."""
+import copy
 import json
 import random
 
@@ -13,6 +14,9 @@ COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"
 THINGS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "piano", "garden", "rocket", "candle",
           "forest", "bridge", "window", "coffee", "violin", "desert"]
 PROMPT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
+# ChatML as SmolLM2-Instruct writes it, with the tiny tokenizer's one special token ending each turn.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def make_records(n, seed=0, task="color"):
@@ -62,6 +66,14 @@ def save_tiny_model(kind, path, tokenizer, seed=0):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer with a chat template (tiny_tokenizer itself has none, like a base model's)."""
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,45 @@
+"""metrics.jsonl: one JSON object per line, written by training and read by plots and reports.
+
+Training rows: {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"}.
+Validation rows: {"step", "epoch", "val_loss", "val_perplexity"}.
+"""
+import json
+import os
+
+FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Every row of a metrics.jsonl file; [] when it does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_metrics(path: str, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def restart_metrics(path: str, step: int) -> list[dict]:
+    """Keep the rows up to `step` (a resumed run rewrites what came after) and return them.
+
+    Args:
+        path: the run's metrics.jsonl.
+        step: the optimizer step training resumes after; 0 starts an empty file.
+    """
+    kept = [row for row in read_metrics(path) if row["step"] <= step] if step else []
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in kept)
+    os.replace(tmp, path)
+    return kept
+
+
+def train_rows(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if "loss" in row]
+
+
+def validation_rows(rows: list[dict]) -> list[dict]:
+    return [row for row in rows if "val_loss" in row]
