@@ -252,7 +252,6 @@ def run_peer(probe, paths, out, options, name):
 
 
 def child():
-    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     paths, options = json.loads(args.data), json.loads(args.child_options)
     probe = Probe()
@@ -453,4 +452,5 @@ def report(names, results, val, params, memory, rows, skipped, mean, lengths, lo
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(args.threads)
     child() if args.child else parent()
