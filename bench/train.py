@@ -3,7 +3,7 @@
     .venv/bin/python bench/train.py                        # SmolLM2-135M, 10 steps a run, 2 repeats: ~10 min, 2 idle cores
     .venv/bin/python bench/train.py --threads 1            # on a busy shared machine
     .venv/bin/python bench/train.py --steps 40 --repeats 3 --batch_size 8     # longer and steadier
-    .venv/bin/python bench/train.py --runs ours,peft --no-memory-pair         # a subset
+    .venv/bin/python bench/train.py --runs ours,peft --no-memory_pair         # a subset
 
 Every run trains the same model with the same LoRA config (all-linear, r=8, alpha=16, dropout 0) on the same
 token ids (a mixed-length Alpaca-format instruction set, written here, seeded: 20 to 500 tokens an example), for
@@ -48,6 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import lora
 from lora.data import IGNORE_INDEX, load_examples, pad_token_id
 from lora.models import load_tokenizer, resolve_model_path
+from machine import cpu_model, load_average  # bench/machine.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"ours": "lora finetune", "ours-packing": "lora finetune --packing",
@@ -69,11 +70,12 @@ p.add_argument("--gradient_accumulation_steps", type=int, default=1)
 p.add_argument("--max_seq_length", type=int, default=512)
 p.add_argument("--learning_rate", type=float, default=3e-4)
 p.add_argument("--max_grad_norm", type=float, default=1.0)
-p.add_argument("--train_examples", type=int, default=1000, help="more than any run reads: nobody starts a 2nd epoch")
+p.add_argument("--train_examples", type=int, default=0,
+               help="0: enough that no run starts a second epoch (4x what a padded run reads, at least 1000)")
 p.add_argument("--validation_examples", type=int, default=48)
 p.add_argument("--memory_seq_length", type=int, default=1024, help="--max_seq_length of the gradient checkpointing pair")
 p.add_argument("--memory_steps", type=int, default=2)
-p.add_argument("--memory-pair", default=True, action=argparse.BooleanOptionalAction,
+p.add_argument("--memory_pair", default=True, action=argparse.BooleanOptionalAction,
                help="the pair of runs with and without --gradient_checkpointing")
 p.add_argument("--threads", type=int, default=os.cpu_count(),
                help="torch threads per run; on a busy machine 1 is faster and steadier")
@@ -137,7 +139,8 @@ def write_data(folder):
     paths = {"train": os.path.join(folder, "train.json"), "validation": os.path.join(folder, "validation.json"),
              "prompt_format": os.path.join(folder, "prompt_format.txt"),
              "target_modules": os.path.join(folder, "target_modules.txt")}
-    for split, n in (("train", args.train_examples), ("validation", args.validation_examples)):
+    read = args.steps * args.batch_size * args.gradient_accumulation_steps
+    for split, n in (("train", args.train_examples or max(1000, 4 * read)), ("validation", args.validation_examples)):
         with open(paths[split], "w", encoding="utf-8") as f:
             json.dump(make_records(n, split, args.seed), f)
     Path(paths["prompt_format"]).write_text(PROMPT_FORMAT, encoding="utf-8")
@@ -302,18 +305,6 @@ def lora_parameters(adapter):
     return sum(m.A.numel() + m.B.numel() for m in lora.read_adapter(adapter).modules.values())
 
 
-def load():
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def percentiles(values, qs=(0, 10, 50, 90, 100)):
     values = sorted(values)
     return [values[min(len(values) - 1, q * len(values) // 100)] for q in qs]
@@ -338,7 +329,7 @@ def parent():
         sys.exit(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     skipped = missing_peers(names)
     names = [n for n in names if n not in skipped]
-    started, load_before = time.perf_counter(), load()
+    started, load_before = time.perf_counter(), load_average()
     resolve_model_path(args.model)  # the default model's one-time conversion, before anything is timed
     tokenizer = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as folder:
@@ -364,7 +355,7 @@ def parent():
                 memory[gc] = spawn("ours-packing", paths, folder, {
                     "batch_size": 1, "steps": args.memory_steps, "max_seq_length": args.memory_seq_length,
                     "packing": True, "gradient_checkpointing": gc}, f"memory-{'gc' if gc else 'plain'}")
-        load_after = load()
+        load_after = load_average()
         print("validation loss of each run's adapter ...", file=sys.stderr)
         val = {n: validation_loss(results[n][0]["adapter"], validation) for n in names}
         params = {n: lora_parameters(results[n][0]["adapter"]) for n in names}
