@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/swap.py
 	$(PY) bench/batching.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -34,6 +34,7 @@ import torch
 
 import lora
 from lora.models import resolve_dtype
+from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
 
 p = argparse.ArgumentParser(description="Adapter switch latency, drift and forward cost: lora-pytorch vs PEFT.")
 p.add_argument("--model", default="smollm2-135m")
@@ -93,14 +94,6 @@ def paired(num, den):
 
 def cell(xs):
     return f"{med(xs):.1f} ms (best {min(xs):.1f})"
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 # ---------------------------------------------------------------- model and random adapters
