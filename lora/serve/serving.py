@@ -73,11 +73,10 @@ class Job:
     thread; `abort` cancels whatever has not finished (the client went away).
     """
 
-    def __init__(self, serving, task):
-        self.serving, self.task, self.label = serving, task, task or serving.model_name
+    def __init__(self, serving, task, arrived):
+        self.serving, self.task, self.label, self.arrived = serving, task, task or serving.model_name, arrived
         self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
         self.request_ids, self.prompt_tokens, self.last = [], [], {}
-        self.arrived = time.monotonic()
         self.token_times = {}
 
     def submit(self, ids, sampling, n):
@@ -144,13 +143,13 @@ class Job:
 
     def _observe(self, index, out):
         m, now, tokens = self.serving.metrics, time.monotonic(), len(out.token_ids)
-        previous = self.token_times.get(index)
+        previous = self.token_times.get(index)  # (when, how many tokens) at the choice's last new tokens
         if tokens and previous is None:
             m.ttft.labels(self.label).observe(now - self.arrived)
         elif previous is not None and tokens > previous[1]:
-            gap = (now - previous[0]) / (tokens - previous[1])
-            for _ in range(tokens - previous[1]):
-                m.itl.labels(self.label).observe(gap)
+            new = tokens - previous[1]  # tokens that showed no text yet arrive together: share the gap
+            for _ in range(new):
+                m.itl.labels(self.label).observe((now - previous[0]) / new)
         if tokens and (previous is None or tokens > previous[1]):
             self.token_times[index] = (now, tokens)
         if out.finished:
@@ -311,9 +310,10 @@ class Serving:
                            param=param if requested else "prompt", code="context_length_exceeded")
         return max_tokens
 
-    def submit(self, task, prompts, body, *, n=1, max_tokens=None, default_max_tokens=None, param="max_tokens"):
+    def submit(self, task, prompts, body, arrived, *, n=1, max_tokens=None, default_max_tokens=None,
+               param="max_tokens"):
         """A Job running every prompt (token ids) n times with the body's sampling fields."""
-        job = Job(self, task)
+        job = Job(self, task, arrived)
         for ids in prompts:
             limit = self.max_tokens_for(max_tokens, len(ids), default_max_tokens, param)
             sampling = SamplingParams(
@@ -327,6 +327,7 @@ class Serving:
     # ------------------------------------------------------------ the endpoints' work
 
     async def completions(self, body, request):
+        arrived = time.monotonic()  # latency metrics count the time spent tokenizing too
         task = self.task_of(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -337,7 +338,7 @@ class Serving:
             self.check_text_length(len(prompt), "prompt")
         ids = await self.off_loop(lambda: [self._prompt_ids(task, prompt=p) for p in prompts],
                                   chars=sum(map(len, prompts)))
-        job = self.submit(task, ids, body, n=body.n, max_tokens=body.max_tokens,
+        job = self.submit(task, ids, body, arrived, n=body.n, max_tokens=body.max_tokens,
                           default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
@@ -355,6 +356,7 @@ class Serving:
                 "usage": job.usage(outs)}
 
     async def chat_completions(self, body, request):
+        arrived = time.monotonic()  # latency metrics count the time spent tokenizing too
         task = self.task_of(body.model)
         self.check_count(1, body.n)
         requested, param = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
@@ -364,7 +366,7 @@ class Serving:
         chars = sum(len(m["content"]) for m in messages)
         self.check_text_length(chars, "messages")
         ids = await self.off_loop(self._prompt_ids, task, messages=messages, chars=chars)
-        job = self.submit(task, [ids], body, n=body.n, max_tokens=requested, param=param)
+        job = self.submit(task, [ids], body, arrived, n=body.n, max_tokens=requested, param=param)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
                 "object": "chat.completion.chunk" if body.stream else "chat.completion"}
         if body.stream:
@@ -386,12 +388,13 @@ class Serving:
 
     async def generate(self, body, request):
         """The native API: {downstream, instruction, input} in, generate_response's answer out."""
+        arrived = time.monotonic()
         task = None if body.downstream is None else self.task_of(body.downstream, param="downstream")
         self.check_max_tokens(body.max_new_tokens, "max_new_tokens")
         chars = len(body.instruction) + len(body.input)
         self.check_text_length(chars, "instruction")
         ids = await self.off_loop(self._prompt_ids, task, instruction=body.instruction, input=body.input, chars=chars)
-        job = self.submit(task, [ids], body, max_tokens=body.max_new_tokens,
+        job = self.submit(task, [ids], body, arrived, max_tokens=body.max_new_tokens,
                           default_max_tokens=GENERATE_DEFAULT_MAX_TOKENS, param="max_new_tokens")
         (out,) = await job.wait(request)
         return {"downstream": body.downstream, "response": out.text.strip(), "finish_reason": out.finish_reason,
