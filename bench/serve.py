@@ -283,8 +283,8 @@ def report(args, runs, answers, probes, loads):
                 both = [(x, y) for a, b in pairs for x, y in zip(a.results, b.results) if not (x.error or y.error)]
                 equal = sum(x.text == y.text for x, y in both)
                 # a server that ignores ignore_eos stops at EOS: its answer is then the start of the other's
-                early = sum(x.text != y.text and x.tokens != y.tokens and
-                            (x.text.startswith(y.text) or y.text.startswith(x.text)) for x, y in both)
+                early = sum(x.text != y.text and (x.text.startswith(y.text) or y.text.startswith(x.text))
+                            for x, y in both)
                 print(f"- {mix}: {first} reaches {speed:.2f}x {other}'s tokens/s, at {p95:.2f}x its p95 latency; "
                       f"the same answers in {equal}/{len(both)} pairs"
                       + (f", and in {early} more one server stopped early (EOS) with the start of the other's answer"
