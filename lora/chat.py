@@ -50,6 +50,23 @@ def chat_messages(turns, data_format, where):
     return messages
 
 
+def chat_record(rec, data_format, where):
+    """A training record's conversation as OpenAI messages; it must hold an assistant turn to learn from.
+
+    A ShareGPT record may give its system message as a top-level "system" string (as LLaMA-Factory reads it).
+    """
+    field = TURNS[data_format][0]
+    messages = chat_messages(rec.get(field), data_format, where)
+    system = rec.get("system") if data_format == "sharegpt" else None
+    if system is not None and not isinstance(system, str):
+        raise LoraError(f"{where}: 'system' must be a string")
+    if system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LoraError(f"{where}: {field!r} has no assistant turn, so there is nothing to learn")
+    return messages
+
+
 def encode_chat(tokenizer, messages, where, add_generation_prompt=False):
     """(ids, answer): token ids of a conversation and, per token, whether it belongs to an assistant answer.
 

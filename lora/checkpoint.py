@@ -77,7 +77,8 @@ class Adapter:
 
 # ---------------------------------------------------------------- atomic writes
 
-LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?\w+")  # older versions wrote no pid
+# A hidden copy atomic_directory leaves if killed: .name.tmp-PID-XXXXXXXX (older versions wrote no PID).
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}")
 AT_FDCWD, RENAME_EXCHANGE = -100, 2
 
 
@@ -140,7 +141,7 @@ def clean_leftovers(parent):
     """
     for entry in os.scandir(parent):
         m = LEFTOVER.fullmatch(entry.name)
-        if not m or (m["pid"] and _running(int(m["pid"]))):
+        if not m or not entry.is_dir(follow_symlinks=False) or (m["pid"] and _running(int(m["pid"]))):
             continue
         target = os.path.join(parent, m["name"])
         # Older versions moved the checkpoint into a folder: .name.old-XXXX/name.
@@ -355,6 +356,9 @@ UNSUPPORTED = {"use_dora": "DoRA", "bias": "trained biases", "lora_bias": "a bia
                "target_parameters": "LoRA on raw parameters", "trainable_token_indices": "trainable tokens",
                "layer_replication": "layer replication"}  # PEFT features whose weights mean more than B @ A
 DATA_FORMATS = ("alpaca", "messages", "sharegpt")
+TASK_FIELDS = {"prompt_format": (str, "a string"), "base_model_name_or_path": (str, "a string"),
+               "system_prompt": (str, "a string"), "chat_template": (bool, "true or false"),
+               "training_args": (dict, "an object"), "base_fingerprint": (dict, "an object")}
 
 
 def _is_number(value):
@@ -440,11 +444,9 @@ def check_task(task, file):
     if version > FORMAT_VERSION:
         raise LoraError(f"{file} has format_version {version}, newer than this lora-pytorch reads "
                         f"({FORMAT_VERSION}); upgrade lora-pytorch")
-    for key, kind in (("prompt_format", str), ("base_model_name_or_path", str), ("system_prompt", str),
-                      ("chat_template", bool), ("training_args", dict), ("base_fingerprint", dict)):
+    for key, (kind, expected) in TASK_FIELDS.items():
         if task.get(key) is not None and not isinstance(task[key], kind):
-            raise LoraError(f"{file}: {key} must be {'an object' if kind is dict else 'a ' + kind.__name__} "
-                            f"or null, got {task[key]!r}")
+            raise LoraError(f"{file}: {key} must be {expected} or null, got {task[key]!r}")
     if task.get("prompt_format") is not None:
         check_prompt_format(task["prompt_format"], f"{file}: prompt_format")
     if task.get("data_format") not in (None, *DATA_FORMATS):
@@ -489,13 +491,14 @@ def _module_adapters(tensors, config, weights_path, config_path):
         if A.shape[0] != r:
             raise LoraError(f"{weights_path}: adapter for {name} has rank {A.shape[0]}, but {config_path} gives it "
                             f"r={r} (r / rank_pattern); the two files do not belong together")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        a_max, b_max = float(A.abs().max()), float(B.abs().max())  # NaN or Inf if any entry is
+        if not (math.isfinite(a_max) and math.isfinite(b_max)):
             raise LoraError(f"{weights_path}: adapter for {name} contains NaN or Inf values; "
                             "the training run diverged, use an earlier checkpoint or a lower learning rate")
         alpha = pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8))
         scaling = lora_scaling(r, alpha, config.get("use_rslora", False))
         # |scaling * B @ A| is at most this; past float32's range the update is Inf, so the alpha is nonsense.
-        if abs(scaling) * r * float(A.abs().max()) * float(B.abs().max()) > torch.finfo(torch.float32).max:
+        if abs(scaling) * r * a_max * b_max > torch.finfo(torch.float32).max:
             raise LoraError(f"{config_path}: lora_alpha {alpha!r} for {name} makes the update overflow float32; "
                             "the adapter is corrupt")
         modules[name] = ModuleAdapter(A, B, scaling, p["embedding"])

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .chat import TURNS, chat_messages, check_chat_template, encode_chat, render_chat  # noqa: F401 (render_chat)
+from .chat import chat_record, check_chat_template, encode_chat, render_chat  # noqa: F401 (render_chat: serving's)
 from .errors import LoraError
 
 IGNORE_INDEX = -100  # label value the loss skips: prompt and padding tokens
@@ -153,18 +153,15 @@ def load_examples(path, tokenizer, max_length, *, data_format="auto", prompt_for
         task = {"prompt_format": prompt_format}
     else:
         check_chat_template(tokenizer, f"{data_format} data in {path}")
-        key = TURNS[data_format][0]
-        chats = [chat_messages(rec.get(key), data_format, where(i)) for i, rec in enumerate(records)]
-        for i, chat in enumerate(chats):
-            if not any(m["role"] == "assistant" for m in chat):
-                raise LoraError(f"{where(i)}: {key!r} has no assistant turn, so there is nothing to learn")
+        chats = [chat_record(rec, data_format, where(i)) for i, rec in enumerate(records)]
         encoded = (encode_chat(tokenizer, chat, where(i)) for i, chat in enumerate(chats))
         systems = {chat[0]["content"] if chat[0]["role"] == "system" else None for chat in chats}
         task = {"data_format": data_format, "chat_template": True,
                 "system_prompt": systems.pop() if len(systems) == 1 else None}
     examples, truncated, dropped = [], 0, 0
     for ids, answer in encoded:
-        if answer.index(True) >= max_length:
+        first_answer = next((k for k, is_answer in enumerate(answer) if is_answer), len(ids))
+        if first_answer >= min(len(ids), max_length):
             dropped += 1
             continue
         truncated += len(ids) > max_length
@@ -230,6 +227,8 @@ def length_grouped_batches(lengths, batch_size, seed, epoch):
         batch_size: examples per batch (the last batch of a group may be smaller).
         seed, epoch: the run's seed and the epoch number.
     """
+    if not lengths:
+        return []
     rng = random.Random(f"{seed}:{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)

@@ -18,6 +18,7 @@ The KV cache is allocated once: per layer, K and V tensors of (slots, kv heads, 
 Decoding sequences attend over a view of slots [0, hi), so nothing is copied or reallocated per step.
 """
 import concurrent.futures
+import contextlib
 import itertools
 import math
 import threading
@@ -153,7 +154,7 @@ class StepBatch:
                 keep.append(len(ids) - 1)
             causal = torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
             self.chunks.append((offset, len(ids), seq.slot, end, causal))
-        as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         self.input_ids, self.positions, self.slots = as_tensor(ids), as_tensor(positions), as_tensor(slots)
         self.keep = as_tensor(keep)
         if decode:
@@ -227,10 +228,8 @@ def kv_bytes_per_token(config, dtype):
 
 
 def sample(logits, seq):
-    """The next token of one sequence from its logits (float32), as its sampling parameters say."""
+    """The next token of one sequence from its logits (float32), with temperature, top-k and top-p."""
     s = seq.sampling
-    if s.temperature == 0:
-        return int(logits.argmax())
     logits = logits / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -336,16 +335,12 @@ class Engine:
         with self._cond:
             self.waiting.extend(seqs)
             self._cond.notify()
-        try:
-            for seq in seqs:
-                while not seq.done.is_set():
-                    if self._thread is None:
-                        self.step()
-                    else:
-                        seq.done.wait()
-        finally:
-            if self._thread is None:  # interrupted (Ctrl-C): leave the model without hooks
-                self._unmix()
+        for seq in seqs:
+            while not seq.done.is_set():
+                if self._thread is None:
+                    self.step()
+                else:
+                    seq.done.wait()
         return [seq.output for seq in seqs]
 
     def stats(self):
@@ -372,9 +367,9 @@ class Engine:
         with self.mt.lock:
             try:
                 batch = StepBatch(self.cache, decode, chunks, self.device)
-                self._apply_tasks(decode + [seq for seq, _, _ in chunks], batch)
-                logits = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
-                                    use_cache=False, logits_to_keep=batch.keep, lora_step=batch).logits[0].float()
+                with self._tasks(decode + [seq for seq, _, _ in chunks], batch):
+                    logits = self.model(input_ids=batch.input_ids[None], position_ids=batch.positions[None],
+                                        use_cache=False, logits_to_keep=batch.keep, lora_step=batch).logits[0].float()
             except Exception as e:  # noqa: BLE001 - fail this step's sequences, keep serving the others
                 for seq in decode + [seq for seq, _, _ in chunks]:
                     self._finish(seq, "error", error=e)
@@ -385,13 +380,13 @@ class Engine:
             seq.computed = end
             self.counters["prompt_tokens_total"] += end - start
         sampled = decode + [seq for seq, _, end in chunks if end == len(seq.prompt)]
-        for seq, row in zip(sampled, logits):
+        for i, seq in enumerate(sampled):
             if len(seq.tokens) < seq.sampling.min_tokens:
-                row[self.eos] = -math.inf
-            self._append(seq, sample(row, seq))
+                logits[i, self.eos] = -math.inf
+        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
+        for i, seq in enumerate(sampled):
+            self._append(seq, greedy[i] if seq.sampling.temperature == 0 else sample(logits[i], seq))
         self._release()
-        if not self.running:
-            self._unmix()  # idle: the model is left as MultiTaskModel's switching had it
         return True
 
     def _sequence(self, prompt_ids, task, sampling, on_output, request_id):
@@ -422,15 +417,13 @@ class Engine:
         """Aborts and unloaded tasks leave; waiting requests take free slots, first come first served."""
         with self._cond:
             aborts, self._aborts = self._aborts, set()
-            for seq in [s for s in self.waiting if s.request_id in aborts]:
-                self.waiting.remove(seq)
-                self._finish(seq, "abort")
             known = set(self.mt.downstreams)
-            for seq in self.running:
+            for seq in [*self.waiting, *self.running]:
                 if seq.request_id in aborts:
                     self._finish(seq, "abort")
                 elif seq.spec and any(name not in known for name, _ in seq.spec):
                     self._finish(seq, "error", error=LoraError(f"task {seq.spec[0][0]!r} was unloaded"))
+            self.waiting = deque(s for s in self.waiting if not s.done.is_set())
             self._release()
             free = sorted(set(range(self.cache.slots)) - {s.slot for s in self.running})
             for seq in list(self.waiting):
@@ -451,8 +444,11 @@ class Engine:
         alone = self.mode == "merged" or not self.mt.can_mix(seq.spec) or any(not self.mt.can_mix(s) for s in specs)
         return not alone or specs == {seq.spec}
 
-    def _apply_tasks(self, seqs, batch):
-        """Merged weights when the step has one task (after `merge_after` such steps), else per-token updates."""
+    def _tasks(self, seqs, batch):
+        """Merged weights when the step has one task (after `merge_after` such steps), else per-token updates.
+
+        Returns the context to run the forward in: the hooks are on the model only during it.
+        """
         specs = {s.spec for s in seqs}
         uniform = len(specs) == 1
         self._merged_steps = self._merged_steps + 1 if uniform and specs == {self._spec} else int(uniform)
@@ -460,23 +456,19 @@ class Engine:
         must_merge = uniform and not self.mt.can_mix(self._spec)
         if self.mode == "merged" or must_merge or (
                 self.mode == "auto" and uniform and (self._mixed is None or self._merged_steps >= self.merge_after)):
-            self._unmix()
+            self._mixed = None
             self.mt.activate(self._spec)
-            return
+            return contextlib.nullcontext()
         tasks = sorted({name for s in specs if s for name, _ in s})
         if self._mixed is None or not set(tasks) <= set(self._mixed.tasks) or len(self._mixed.tasks) > 2 * len(tasks) + 2:
-            self._unmix()
             self._mixed = self.mt.mix(tasks)
+        self.mt.activate(None)
         index = {name: i + 1 for i, name in enumerate(self._mixed.tasks)}
         per_seq = [index[s.spec[0][0]] if s.spec else 0 for s in seqs]
         counts = [1] * batch.n_decode + [end - start for start, end, *_ in batch.chunks]
         self._mixed.select(torch.tensor(per_seq, device=self.device).repeat_interleave(
             torch.tensor(counts, device=self.device))[None])
-
-    def _unmix(self):
-        if self._mixed is not None:
-            self._mixed.remove()
-            self._mixed = None
+        return self._mixed.attached()
 
     def _append(self, seq, token):
         """Add a sampled token; finish on eos, a stop string or max_tokens; tell the request."""
@@ -501,9 +493,8 @@ class Engine:
         return self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
 
     def _emit(self, seq, text, finish_reason=None, error=None):
+        """Hand the request its state after a new token (the delta may be empty: the text is held back)."""
         delta = text[len(seq.sent):] if text.startswith(seq.sent) else ""
-        if not delta and finish_reason is None:
-            return
         seq.sent = text if delta or finish_reason else seq.sent
         seq.output = Output(seq.request_id, text, delta, list(seq.tokens), len(seq.prompt), finish_reason is not None,
                             finish_reason, error)

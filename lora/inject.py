@@ -5,6 +5,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, read_text
 from .layers import SUPPORTED, LoraLayer
 
 REGEX_CHARS = set("*+?[]()|^$\\")
@@ -28,12 +29,7 @@ def pattern_value(patterns, name, default):
 
 def read_target_modules(path):
     """The seed's target_modules.txt: one module name (or suffix, or regex) per line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except OSError as e:
-        raise LoraError(f"cannot read target modules file {path}: {e.strerror}; "
-                        "pass --target_modules_path with one module name per line") from None
+    lines = [line.strip() for line in read_text(path, what="target modules file", max_bytes=MAX_JSON_BYTES).split("\n")]
     targets = [line for line in lines if line and not line.startswith("#")]
     if not targets:
         raise LoraError(f"target modules file {path} is empty; list module names such as q_proj and v_proj, one per line")

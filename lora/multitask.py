@@ -19,8 +19,8 @@ from collections import OrderedDict
 import torch
 
 from .checkpoint import ModuleAdapter, check_compatible, read_adapter
-from .data import check_prompt_format
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, read_text
 from .layers import mixed_update_hook, weight_is_transposed
 from .models import load_model
 
@@ -43,11 +43,8 @@ def read_mapper(mapper):
         return {e.name: e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
                 if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))}
     try:
-        with open(mapper, encoding="utf-8") as f:
-            entries = json.load(f)
-    except OSError as e:
-        raise LoraError(f"cannot read checkpoint mapper {mapper}: {e.strerror}") from None
-    except ValueError as e:
+        entries = json.loads(read_text(mapper, what="checkpoint mapper", max_bytes=MAX_JSON_BYTES))
+    except (ValueError, RecursionError) as e:
         raise LoraError(f"checkpoint mapper {mapper} is not valid JSON ({e})") from None
     if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
         raise LoraError(f"checkpoint mapper {mapper} must be a JSON object {{task name: checkpoint directory}}")
@@ -146,7 +143,7 @@ class MultiTaskModel:
 
     def _read(self, name):
         path, _, root = self._registry[name]
-        adapter = read_adapter(path) if root is None else read_adapter(path, root=root)
+        adapter = read_adapter(path, root=root)
         expected = adapter.task.get("base_fingerprint") or {}
         key = (expected.get("sha256"), tuple(expected.get("shapes", ())), tuple(adapter.modules))
         if key not in self._fingerprints_ok:
@@ -158,8 +155,6 @@ class MultiTaskModel:
             if m.embedding and head is not None and head.weight is weight:
                 raise LoraError(f"task {name!r} adapts {module_name}, whose weight is tied to the output head; "
                                 "merging would change the head too, so train it without the embedding")
-        if adapter.prompt_format:
-            check_prompt_format(adapter.prompt_format, f"prompt format of {path}")
         self._meta = {**self._meta, name: dict(adapter.task)}
         return self._to(adapter, "cpu")
 
@@ -312,13 +307,11 @@ class MultiTaskModel:
         return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
 
     def mix(self, tasks):
-        """Unmerged mode: the base weights plus hooks adding to each token its own task's update.
+        """Unmerged mode's hooks for a set of tasks, built once and attached per forward (see MixedAdapters).
 
-        Returns a `MixedAdapters` over `tasks`; call `.select(index)` before each forward (0: base, i + 1:
-        tasks[i], one per token or per row) and `.remove()` when done.
+        Run them over the base weights: `mt.activate(None)`, `.select(index)`, then `with .attached():`.
         """
         with self.lock:
-            self._switch(None)
             return MixedAdapters(self.pretrained_model, tasks, [self.adapter(t) for t in tasks])
 
     @contextlib.contextmanager
@@ -334,10 +327,11 @@ class MultiTaskModel:
             mixed = self.mix(tasks)
             mixed.select(torch.tensor([0 if t is None else tasks.index(t) + 1 for t in row_tasks],
                                       device=self.device)[:, None])
+            self._switch(None)
             try:
-                yield self.pretrained_model
+                with mixed.attached():
+                    yield self.pretrained_model
             finally:
-                mixed.remove()
                 self._switch(previous)
 
     # ------------------------------------------------------------------ generation, through lora.engine
@@ -412,7 +406,7 @@ class MixedAdapters:
         for i, adapter in enumerate(adapters, 1):
             for name, m in adapter.modules.items():
                 per_module.setdefault(name, []).append((i, m))
-        self._handles = []
+        self._hooks = []
         for name, items in per_module.items():
             A = torch.cat([m.A.float() for _, m in items]).T  # (in, total rank)
             B = torch.cat([m.B.float() for _, m in items], dim=1).T  # (total rank, out)
@@ -422,13 +416,18 @@ class MixedAdapters:
                 scales[i, start:start + m.A.shape[0]] = m.scaling
                 start += m.A.shape[0]
             module = model.get_submodule(name)
-            hook = mixed_update_hook(A, B, scales, self, isinstance(module, torch.nn.Embedding))
-            self._handles.append(module.register_forward_hook(hook))
+            self._hooks.append((module, mixed_update_hook(A, B, scales, self, isinstance(module, torch.nn.Embedding))))
 
     def select(self, index):
         """Which task each token (or row) uses from now on: 0 for the base, i + 1 for tasks[i]."""
         self.index = index
 
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
+    @contextlib.contextmanager
+    def attached(self):
+        """The hooks on the model for one forward (or one `with` block), and never left behind."""
+        handles = [module.register_forward_hook(hook) for module, hook in self._hooks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

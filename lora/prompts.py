@@ -1,5 +1,5 @@
 """A request's prompt token ids, rendered exactly as its task's training data was."""
-from . import data
+from .chat import render_chat
 from .data import encode_prompt, format_prompt
 from .errors import LoraError
 
@@ -30,11 +30,11 @@ def prompt_ids(tokenizer, meta, *, instruction="", input="", messages=None, prom
         return encode_prompt(tokenizer, prompt)
     chat = bool(meta.get("chat_template")) if meta is not None else bool(getattr(tokenizer, "chat_template", None))
     if messages is not None and chat and prompt_format is None:
-        return data.render_chat(tokenizer, messages, (meta or {}).get("system_prompt"))
+        return render_chat(tokenizer, messages, (meta or {}).get("system_prompt"))
     if messages is not None:
         instruction, input = last_user_message(messages), ""
     if meta is not None and meta.get("chat_template") and prompt_format is None:
         content = f"{instruction}\n\n{input}" if input else instruction
-        return data.render_chat(tokenizer, [{"role": "user", "content": content}], meta.get("system_prompt"))
+        return render_chat(tokenizer, [{"role": "user", "content": content}], meta.get("system_prompt"))
     fmt = prompt_format or (meta or {}).get("prompt_format") or DEFAULT_PROMPT_FORMAT
     return encode_prompt(tokenizer, format_prompt(fmt, instruction, input))

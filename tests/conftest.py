@@ -111,3 +111,16 @@ def finetune_argv(model, task, checkpoint_dir, *extra):
     return ["--model_name_or_path", str(model), "--target_modules_path", str(task / "target_modules.txt"),
             "--prompt_format_path", str(task / "prompt_format.txt"), "--train_data_path", str(task / "train.json"),
             "--checkpoint_dir", str(checkpoint_dir), "--device", "cpu", *map(str, extra)]
+
+
+def make_adapter(base_path, folder, targets, seed, r=4):
+    """A random (seeded) adapter that visibly changes the base model's answers."""
+    import lora
+    import torch.nn as nn
+
+    model = lora.load_model(base_path)[0]
+    lora.inject(model, targets, r=r, alpha=2 * r)
+    torch.manual_seed(seed)
+    for layer in lora.lora_layers(model).values():
+        nn.init.normal_(layer.lora_B, std=0.3)
+    return lora.save_adapter(model, folder, task={"prompt_format": PROMPT})

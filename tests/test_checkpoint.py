@@ -157,57 +157,46 @@ def edited_copy(source, tmp_path, file, edit):
     return path
 
 
-CONFIG_CASES = [
-    (lambda c: {**c, "lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
-    (lambda c: json.dumps({**c, "lora_alpha": 0}).replace('"lora_alpha": 0', '"lora_alpha": 1e999'),
+CONFIG, TASK = "adapter_config.json", "lora_task.json"
+BAD_FIELDS = [
+    (CONFIG, lambda c: {**c, "lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
+    (CONFIG, lambda c: json.dumps({**c, "lora_alpha": 0}).replace('"lora_alpha": 0', '"lora_alpha": 1e999'),
      "lora_alpha must be a finite number, got inf"),
-    (lambda c: {**c, "lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
-    (lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a finite number, got None"),
-    (lambda c: {**c, "lora_alpha": True}, "lora_alpha must be a finite number, got True"),
-    (lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 for .* overflow float32"),
-    (lambda c: {**c, "r": "8"}, "r must be a positive integer, got '8'"),
-    (lambda c: {**c, "r": 0}, "r must be a positive integer, got 0"),
-    (lambda c: {**c, "r": 16}, "has rank 8, but .*adapter_config.json gives it r=16"),
-    (lambda c: {**c, "alpha_pattern": ["q_proj", 4]}, "alpha_pattern must be an object .* not list"),
-    (lambda c: {**c, "alpha_pattern": {"q_proj": "4"}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
-    (lambda c: {**c, "alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj\\(' is not a valid regex"),
-    (lambda c: {**c, "rank_pattern": {"v_proj": -2}}, r"rank_pattern\['v_proj'\] must be a positive integer rank"),
-    (lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
-    (lambda c: {**c, "target_modules": 7}, "target_modules must be a list of module names"),
-    (lambda c: {**c, "lora_dropout": 2}, "lora_dropout must be a number from 0 to 1"),
-    (lambda c: {**c, "bias": "all"}, r"uses trained biases \(bias='all'\)"),
-    (lambda c: {**c, "use_dora": True}, "uses DoRA"),
-    (lambda c: {**c, "peft_type": "IA3"}, "describes a 'IA3' adapter"),
-    (lambda c: [c], "must be a JSON object of LoRA settings, not list"),
-    (lambda c: '{"r": [[[[' * 20000, "is not valid JSON"),
+    (CONFIG, lambda c: {**c, "lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
+    (CONFIG, lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a finite number, got None"),
+    (CONFIG, lambda c: {**c, "lora_alpha": True}, "lora_alpha must be a finite number, got True"),
+    (CONFIG, lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 for .* overflow float32"),
+    (CONFIG, lambda c: {**c, "r": "8"}, "r must be a positive integer, got '8'"),
+    (CONFIG, lambda c: {**c, "r": 0}, "r must be a positive integer, got 0"),
+    (CONFIG, lambda c: {**c, "r": 16}, "has rank 8, but .*adapter_config.json gives it r=16"),
+    (CONFIG, lambda c: {**c, "alpha_pattern": ["q_proj", 4]}, "alpha_pattern must be an object .* not list"),
+    (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj": "4"}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
+    (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj\\(' is not a valid regex"),
+    (CONFIG, lambda c: {**c, "rank_pattern": {"v_proj": -2}}, r"rank_pattern\['v_proj'\] must be a positive integer rank"),
+    (CONFIG, lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
+    (CONFIG, lambda c: {**c, "target_modules": 7}, "target_modules must be a list of module names"),
+    (CONFIG, lambda c: {**c, "lora_dropout": 2}, "lora_dropout must be a number from 0 to 1"),
+    (CONFIG, lambda c: {**c, "bias": "all"}, r"uses trained biases \(bias='all'\)"),
+    (CONFIG, lambda c: {**c, "use_dora": True}, "uses DoRA"),
+    (CONFIG, lambda c: {**c, "peft_type": "IA3"}, "describes a 'IA3' adapter"),
+    (CONFIG, lambda c: [c], "must be a JSON object of LoRA settings, not list"),
+    (CONFIG, lambda c: '{"r": [[[[' * 20000, "is not valid JSON"),
+    (TASK, lambda t: [t], "must be a JSON object of task metadata, not list"),
+    (TASK, lambda t: {**t, "prompt_format": 5}, "prompt_format must be a string or null, got 5"),
+    (TASK, lambda t: {**t, "prompt_format": "Answer: {input}"}, "prompt_format has no {instruction} placeholder"),
+    (TASK, lambda t: {**t, "format_version": 99}, "format_version 99, newer than"),
+    (TASK, lambda t: {**t, "data_format": "csv"}, "data_format must be one of alpaca, messages, sharegpt"),
+    (TASK, lambda t: {**t, "base_fingerprint": {"shapes": ["q_proj"]}}, "base_fingerprint.shapes must map module names"),
+    (TASK, lambda t: {**t, "training_args": "lr=1"}, "training_args must be an object or null"),
 ]
 
 
-@pytest.mark.parametrize("edit, message", CONFIG_CASES)
-def test_bad_config_fields_are_refused_naming_file_and_field(good_checkpoint, tmp_path, edit, message):
-    path = edited_copy(good_checkpoint, tmp_path, "adapter_config.json", edit)
+@pytest.mark.parametrize("file, edit, message", BAD_FIELDS)
+def test_bad_fields_are_refused_naming_file_and_field(good_checkpoint, tmp_path, file, edit, message):
+    path = edited_copy(good_checkpoint, tmp_path, file, edit)
     with pytest.raises(lora.LoraError, match=message) as error:
         lora.read_adapter(path)
-    assert f"{path}/adapter_config.json" in str(error.value)
-
-
-TASK_CASES = [
-    (lambda t: [t], "must be a JSON object of task metadata, not list"),
-    (lambda t: {**t, "prompt_format": 5}, "prompt_format must be a str or null, got 5"),
-    (lambda t: {**t, "prompt_format": "Answer: {input}"}, "prompt_format has no {instruction} placeholder"),
-    (lambda t: {**t, "format_version": 99}, "format_version 99, newer than"),
-    (lambda t: {**t, "data_format": "csv"}, "data_format must be one of alpaca, messages, sharegpt"),
-    (lambda t: {**t, "base_fingerprint": {"shapes": ["q_proj"]}}, "base_fingerprint.shapes must map module names"),
-    (lambda t: {**t, "training_args": "lr=1"}, "training_args must be an object or null"),
-]
-
-
-@pytest.mark.parametrize("edit, message", TASK_CASES)
-def test_bad_task_fields_are_refused_naming_file_and_field(good_checkpoint, tmp_path, edit, message):
-    path = edited_copy(good_checkpoint, tmp_path, "lora_task.json", edit)
-    with pytest.raises(lora.LoraError, match=message) as error:
-        lora.read_adapter(path)
-    assert f"{path}/lora_task.json" in str(error.value)
+    assert f"{path}/{file}" in str(error.value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
@@ -321,3 +310,25 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_llama
     with pytest.raises(lora.LoraError, match=f"disk full while writing {path}; free space or pass another --checkpoint_dir"):
         lora.save_adapter(model, path, training_state={"step": torch.tensor(2)})
     assert torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_leftovers_of_older_versions_are_cleaned_and_the_checkpoint_put_back(good_checkpoint, tiny_llama, tmp_path):
+    """The layout issue 10 reproduced: old copy in .step-120.old-*/step-120, new one in .step-120.tmp-*, no name."""
+    shutil.copytree(good_checkpoint, tmp_path / ".step-120.old-k2j4x_9a" / "step-120")
+    shutil.copytree(good_checkpoint, tmp_path / ".step-120.tmp-0qz81mfe")
+    (tmp_path / ".notes.tmp-dir").mkdir()  # not ours: kept
+    saved(tiny_llama, tmp_path, "step-130")
+    assert sorted(os.listdir(tmp_path)) == [".notes.tmp-dir", "step-120", "step-130"]
+    assert torch.equal(weights_of(tmp_path / "step-120"), weights_of(good_checkpoint))
+
+
+def test_training_state_is_read_safely(good_checkpoint, tmp_path):
+    path = shutil.copytree(good_checkpoint, tmp_path / "ckpt")
+    assert checkpoint.load_training_state(path) is None  # none saved: a fresh run from these weights
+    torch.save([torch.zeros(2)], path / "training_state.pt")
+    with pytest.raises(lora.LoraError, match="training_state.pt holds a list, not a training state"):
+        checkpoint.load_training_state(path)
+    os.remove(path / "training_state.pt")
+    os.mkfifo(path / "training_state.pt")
+    with pytest.raises(lora.LoraError, match="training_state.pt is a named pipe"):
+        checkpoint.load_training_state(path)

@@ -67,6 +67,8 @@ def test_chat_formats_are_detected_and_give_the_same_examples(tmp_path, chat_tok
     messages, _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]), chat_tokenizer, 128)
     conversations, info = load_examples(write_jsonl(tmp_path / "s.jsonl", [sharegpt(CHAT)]), chat_tokenizer, 128)
     assert messages == conversations
+    top_level_system = {"system": CHAT[0]["content"], **sharegpt(CHAT[1:])}  # as LLaMA-Factory's ShareGPT
+    assert load_examples(write_jsonl(tmp_path / "t.jsonl", [top_level_system]), chat_tokenizer, 128)[0] == messages
     assert info["format"] == "sharegpt"
     assert info["task"] == {"data_format": "sharegpt", "chat_template": True, "system_prompt": "You answer in colours."}
     forced, _ = load_examples(tmp_path / "m.jsonl", chat_tokenizer, 128, data_format="messages", prompt_format=PROMPT)
@@ -278,6 +280,7 @@ def test_length_grouped_batches_are_similar_in_length_and_a_function_of_seed_and
     assert batches != length_grouped_batches(lengths, 8, seed=42, epoch=1)
     assert batches != length_grouped_batches(lengths, 8, seed=43, epoch=0)
     assert max(lengths[i] for i in batches[0]) == max(lengths)
+    assert length_grouped_batches([], 8, seed=42, epoch=0) == []
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)

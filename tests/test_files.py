@@ -6,24 +6,30 @@ import pytest
 
 from lora import LoraError
 from lora.files import OutsideRootError, read_bytes, read_text
+from lora.inject import read_target_modules
+from lora.multitask import read_mapper
 
 
-def read_with_timeout(path, seconds=10, **kwargs):
-    """read_bytes in a thread, so a reader that blocks fails the test instead of hanging the suite."""
+def call_with_timeout(fn, *args, seconds=10, **kwargs):
+    """fn(*args, **kwargs) in a thread, so a reader that blocks fails the test instead of hanging the suite."""
     result = {}
 
     def run():
         try:
-            result["data"] = read_bytes(path, **{"what": "config", "max_bytes": 1 << 20, **kwargs})
+            result["value"] = fn(*args, **kwargs)
         except Exception as e:
             result["error"] = e
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(seconds)
-    assert not thread.is_alive(), f"reading {path} blocked"
+    assert not thread.is_alive(), f"{fn.__name__}{args} blocked"
     if "error" in result:
         raise result["error"]
-    return result["data"]
+    return result["value"]
+
+
+def read_with_timeout(path, **kwargs):
+    return call_with_timeout(read_bytes, path, **{"what": "config", "max_bytes": 1 << 20, **kwargs})
 
 
 def test_fifo_is_refused_without_blocking(tmp_path):
@@ -121,3 +127,12 @@ def test_text_is_utf8_with_universal_newlines(tmp_path):
         read_text(path, what="prompt format", max_bytes=100)
     with pytest.raises(LoraError, match="missing.txt does not exist"):
         read_text(tmp_path / "missing.txt", what="prompt format", max_bytes=100)
+
+
+def test_target_modules_and_mapper_files_are_read_safely(tmp_path):
+    os.mkfifo(tmp_path / "target_modules.txt")
+    (tmp_path / "mapper.json").symlink_to("/dev/zero")
+    with pytest.raises(LoraError, match="target modules file .* is a named pipe"):
+        call_with_timeout(read_target_modules, tmp_path / "target_modules.txt")
+    with pytest.raises(LoraError, match="checkpoint mapper .* is a character device"):
+        call_with_timeout(read_mapper, tmp_path / "mapper.json")

@@ -6,22 +6,12 @@ import threading
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 import lora
-from tests.conftest import PROMPT, THINGS
+from tests.conftest import PROMPT, THINGS, make_adapter
 
 TARGETS = {"qa": ["q_proj", "v_proj"], "sum": "all-linear", "tag": ["o_proj", "up_proj"]}
-
-
-def make_adapter(base_path, folder, targets, seed, r=4):
-    model = lora.load_model(base_path)[0]
-    lora.inject(model, targets, r=r, alpha=2 * r)
-    torch.manual_seed(seed)
-    for layer in lora.lora_layers(model).values():
-        nn.init.normal_(layer.lora_B, std=0.3)
-    return lora.save_adapter(model, folder, task={"prompt_format": PROMPT})
 
 
 @pytest.fixture(scope="module")
