@@ -36,7 +36,7 @@ def cmd_serve(args):
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(mt, engine, served_model_name=name, adapter_root=args.adapter_root,
                      api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap,
-                     max_prompts=args.max_prompts, context_length=args.max_model_len)
+                     max_prompts=args.max_prompts or args.max_num_seqs, context_length=args.max_model_len)
     print(f"Serving {name} with tasks: {', '.join(mt.downstreams) or 'none'}", file=sys.stderr)
     run(app, args.host, args.port)
 
