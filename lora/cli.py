@@ -55,7 +55,7 @@ def add_serve_arguments(p):
     p.add_argument("--max-num-seqs", "--max-batch-size", type=int, default=16,
                    help="the most requests the engine runs together")
     p.add_argument("--max-model-len", type=int,
-                   help="prompt plus completion tokens per request (default: the model's context length)")
+                   help="prompt plus completion tokens per request (default: the model's context, at most 4096)")
     p.add_argument("--kv-cache-bytes", type=int, help="the KV cache's size in bytes (default: the engine's)")
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="prompt tokens prefilled per engine step; longer prompts are split over steps")
