@@ -46,7 +46,7 @@ def cmd_serve(args):
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(mt, engine, served_model_name=name, adapter_root=args.adapter_root,
                      api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap,
-                     max_prompts=args.max_prompts, context_length=args.max_model_len)
+                     max_prompts=args.max_prompts or args.max_num_seqs, context_length=args.max_model_len)
     print(f"Serving {name} with tasks: {', '.join(mt.downstreams) or 'none'}", file=sys.stderr)
     run(app, args.host, args.port)
 
@@ -65,7 +65,7 @@ def add_serve_arguments(p):
     p.add_argument("--max-num-seqs", "--max-batch-size", type=int, default=16,
                    help="the most requests the engine runs together")
     p.add_argument("--max-model-len", type=int,
-                   help="prompt plus completion tokens per request (default: the model's context length)")
+                   help="prompt plus completion tokens per request (default: the model's context, at most 4096)")
     p.add_argument("--kv-cache-bytes", type=int, help="the KV cache's size in bytes (default: the engine's)")
     p.add_argument("--max-num-batched-tokens", type=int,
                    help="prompt tokens prefilled per engine step; longer prompts are split over steps")

@@ -270,7 +270,10 @@ class Serving:
         """A request's prompt ids, rendered as the task's training data was (lora.prompts); runs in a worker
         thread. A chat task sees the whole conversation through the chat template, an Alpaca task the last
         user message as its {instruction}. An empty prompt starts from the model's start token, as OpenAI's do."""
-        meta = None if task is None else self.mt.task_meta(task)
+        try:
+            meta = None if task is None else self.mt.task_meta(task)
+        except LoraError as e:  # unloaded meanwhile, or its files changed since it was loaded
+            raise self.error_of(task, e, status=400) from None
         try:
             ids = prompt_ids(self._tokenizer(), meta, **how)
         except LoraError as e:
@@ -313,15 +316,14 @@ class Serving:
     def submit(self, task, prompts, body, arrived, *, n=1, max_tokens=None, default_max_tokens=None,
                param="max_tokens"):
         """A Job running every prompt (token ids) n times with the body's sampling fields."""
+        limits = [self.max_tokens_for(max_tokens, len(ids), default_max_tokens, param) for ids in prompts]
         job = Job(self, task, arrived)
-        for ids in prompts:
-            limit = self.max_tokens_for(max_tokens, len(ids), default_max_tokens, param)
-            sampling = SamplingParams(
+        for ids, limit in zip(prompts, limits):  # checked them all first: nothing runs for a refused request
+            job.submit(ids, SamplingParams(
                 max_tokens=limit, temperature=body.temperature or 0.0,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(body.top_k or 0, 0),
                 min_tokens=min(body.min_tokens, limit), stop=body.stop_strings(), ignore_eos=body.ignore_eos,
-                seed=body.seed)
-            job.submit(ids, sampling, n)
+                seed=body.seed), n)
         return job
 
     # ------------------------------------------------------------ the endpoints' work
