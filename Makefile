@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/swap.py
 	$(PY) bench/batching.py
+	$(PY) bench/batching.py --dtypes float32,bfloat16,float16
 	$(PY) bench/train.py
 
 clean:
