@@ -22,10 +22,9 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors, save_file  # bytes in, tensors out: no pickle
 from transformers.pytorch_utils import Conv1D
 
 from .data import check_prompt_format
@@ -535,7 +534,7 @@ def read_adapter(path, device="cpu", root=None):
             "; this checkpoint is a pickle (adapter_model.bin), which is never loaded here: re-save it with "
             "PEFT's save_pretrained(safe_serialization=True)" if pickled else "")) from None
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise LoraError(f"{weights_path} is corrupt or truncated ({e}); re-save or re-train this adapter") from None
     del data
