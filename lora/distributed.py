@@ -4,8 +4,6 @@
 RANK / LOCAL_RANK / WORLD_SIZE; without torchrun every function here acts for one process.
 """
 import os
-import subprocess
-import sys
 
 import torch
 import torch.distributed as dist
@@ -48,17 +46,27 @@ def barrier() -> None:
 
 
 def sum_all(values: torch.Tensor) -> torch.Tensor:
-    """The elementwise sum of `values` over all processes (the tensor itself with one process)."""
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
+    """The elementwise sum of a CPU tensor over all processes (the tensor itself with one process)."""
+    if not dist.is_initialized():
+        return values
+    summed = values.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # NCCL reduces GPU tensors only
+    dist.all_reduce(summed)
+    return summed.cpu()
 
 
 def launch(nproc_per_node: int, argv: list[str]) -> int:
-    """Run `python -m lora ARGV` in nproc_per_node processes on this machine with torchrun; its exit code.
+    """Run `python -m lora ARGV` in nproc_per_node processes on this machine, as torchrun does; the exit code.
 
-    --standalone lets torchrun pick a free port, so several runs on one machine do not clash.
+    --standalone lets torchrun pick a free port, so several runs on one machine do not clash. A failed
+    process has printed its own error: its exit code is returned without torchrun's traceback.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-               "-m", "lora", *argv]
-    return subprocess.call(command)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's default is 1 thread per process; share the cores out instead.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc_per_node}", "-m", "lora", *argv]))
+    except ChildFailedError as e:
+        return max(e.get_first_failure()[1].exitcode, 1)
+    return 0

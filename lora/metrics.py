@@ -22,8 +22,8 @@ def append_metrics(path: str, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def restart_metrics(path: str, step: int) -> list[dict]:
-    """Keep the rows up to `step` (a resumed run rewrites what came after) and return them.
+def restart_metrics(path: str, step: int) -> None:
+    """Keep the rows up to `step`: a resumed run writes what comes after again.
 
     Args:
         path: the run's metrics.jsonl.
@@ -34,7 +34,6 @@ def restart_metrics(path: str, step: int) -> list[dict]:
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in kept)
     os.replace(tmp, path)
-    return kept
 
 
 def train_rows(rows: list[dict]) -> list[dict]:

@@ -28,7 +28,7 @@ from .errors import LoraError
 from .inject import find_targets, inject, lora_parameters, read_target_modules
 from .loss import CausalLMLoss, logits_are_head_of_hidden, target_count
 from .metrics import FILE as METRICS_FILE
-from .metrics import append_metrics, restart_metrics, validation_rows
+from .metrics import append_metrics, restart_metrics
 from .models import load_model, resolve_device
 from .plots import plot_losses
 
@@ -168,7 +168,6 @@ class Run:
     examples_done: int = 0  # of the current epoch's data order
     best_val: float = math.inf
     bad_evals: int = 0  # validations in a row without a new best
-    validated_at: int = -1
     bar: tqdm = field(default=None, repr=False)
 
     @property
@@ -176,7 +175,7 @@ class Run:
         return self.args.batch_size * self.world_size * self.args.gradient_accumulation_steps
 
     @property
-    def main(self) -> bool:
+    def is_main(self) -> bool:
         """Process 0: the one that writes files and prints."""
         return self.rank == 0
 
@@ -238,7 +237,7 @@ def resume(run: Run, state: dict) -> None:
     if changed and not args.allow_changed_settings:
         raise LoraError(f"{args.load_from_checkpoint} belongs to another run: {'; '.join(changed)}. Resume with the "
                         "same flags, or pass --allow_changed_settings to continue anyway")
-    if changed and run.main:
+    if changed and run.is_main:
         print(f"warning: resuming with changed settings: {'; '.join(changed)}", file=sys.stderr)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -248,10 +247,10 @@ def resume(run: Run, state: dict) -> None:
     # Checkpoints written before examples_done existed count whole steps in the epoch.
     run.examples_done = int(state.get("examples_done", state.get("steps_in_epoch", 0) * run.global_batch_size))
     run.best_val, run.bad_evals = float(state.get("best_val", math.inf)), int(state.get("bad_evals", 0))
-    kept = restart_metrics(run.metrics_path, run.step) if run.main else []
-    if any(row["step"] == run.step for row in validation_rows(kept)):
-        run.validated_at = run.step
-    if run.main:
+    if run.examples_done >= len(run.train_set):  # fewer examples now (--allow_changed_settings): that epoch is over
+        run.epoch, run.examples_done = run.epoch + 1, 0
+    if run.is_main:
+        restart_metrics(run.metrics_path, run.step)
         print(f"Resuming from {args.load_from_checkpoint} at epoch {run.epoch}, step {run.step}", file=sys.stderr)
 
 
@@ -334,7 +333,7 @@ def setup(args: argparse.Namespace) -> Run:
         (model.base_model if chunked else model).compile()
     loss_fn = CausalLMLoss(model, chunked=chunked)
     train_loss_fn = loss_fn if world_size == 1 else \
-        DistributedDataParallel(loss_fn, device_ids=[device] if device.startswith("cuda") else None)
+        DistributedDataParallel(loss_fn, device_ids=[torch.device(device)] if device.startswith("cuda") else None)
 
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     global_batch = args.batch_size * world_size * args.gradient_accumulation_steps
@@ -452,12 +451,11 @@ def evaluate_loss(run: Run) -> tuple[float, float]:
 
 
 def validate(run: Run, epoch_position: float) -> None:
-    """Validation loss, at most once per step; keeps best/ up to date under --early_stopping_patience."""
-    if not run.args.evaluate or run.validated_at == run.step:
+    """Validation loss; keeps best/ up to date under --early_stopping_patience."""
+    if not run.args.evaluate:
         return
-    run.validated_at = run.step
     val_loss, perplexity = evaluate_loss(run)
-    if run.main:
+    if run.is_main:
         append_metrics(run.metrics_path, {"step": run.step, "epoch": round(epoch_position, 4), "val_loss": val_loss,
                                           "val_perplexity": perplexity})
         run.bar.write(f"step {run.step}: validation loss {val_loss:.4f}, perplexity {perplexity:.2f}", file=sys.stderr)
@@ -472,7 +470,7 @@ def validate(run: Run, epoch_position: float) -> None:
 def save(run: Run, name: str, with_state: bool = True) -> str:
     """Checkpoint `name` under --checkpoint_dir (process 0 writes it, atomically); returns its path."""
     path = os.path.join(run.args.checkpoint_dir, name)
-    if not run.main:
+    if not run.is_main:
         return path
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
              "step": run.step, "epoch": run.epoch, "examples_done": run.examples_done,
@@ -491,7 +489,7 @@ def fit(run: Run) -> str:
     """Train until --num_epochs, --max_steps or early stopping; returns the final checkpoint's path."""
     args = run.args
     run.bar = tqdm(total=run.total_steps, initial=run.step, desc="finetune", unit="step", dynamic_ncols=True,
-                   disable=not run.main)
+                   disable=not run.is_main)
     run.model.train()
     batches = epoch_batches(run)
     while run.step < run.total_steps and run.epoch < args.num_epochs and not early_stopped(run):
@@ -500,7 +498,7 @@ def fit(run: Run) -> str:
         run.step += 1
         run.examples_done += len(batch)
         epoch_position = run.epoch + run.examples_done / len(run.train_set)
-        if run.main:
+        if run.is_main:
             append_metrics(run.metrics_path, {"step": run.step, "epoch": round(epoch_position, 4), **row})
             run.bar.set_postfix(epoch=run.epoch + 1, loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
                                 tok_s=f"{row['tokens_per_s']:.0f}")
@@ -517,11 +515,11 @@ def fit(run: Run) -> str:
         if epoch_end:
             save(run, f"epoch-{run.epoch}")
     run.bar.close()
-    if early_stopped(run) and run.main:
+    if early_stopped(run) and run.is_main:
         print(f"Early stopping: no better validation loss in {run.bad_evals} validations; the best, "
               f"{run.best_val:.4f}, is in {os.path.join(args.checkpoint_dir, 'best')}", file=sys.stderr)
     final = save(run, "final")
-    if run.main:
+    if run.is_main:
         plot_losses({"run": run.metrics_path}, os.path.join(args.checkpoint_dir, "loss.png"))
         print(f"Saved adapter to {final}", file=sys.stderr)
     return final
