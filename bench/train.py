@@ -80,6 +80,7 @@ p.add_argument("--memory_pair", default=True, action=argparse.BooleanOptionalAct
 p.add_argument("--threads", type=int, default=os.cpu_count(),
                help="torch threads per run; on a busy machine 1 is faster and steadier")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--save", help="also write every run's raw measurements to this JSON file")
 p.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one training run in this process
 p.add_argument("--child_options", default="{}", help=argparse.SUPPRESS)
 p.add_argument("--data", help=argparse.SUPPRESS)
@@ -359,6 +360,9 @@ def parent():
         print("validation loss of each run's adapter ...", file=sys.stderr)
         val = {n: validation_loss(results[n][0]["adapter"], validation) for n in names}
         params = {n: lora_parameters(results[n][0]["adapter"]) for n in names}
+    if args.save:
+        Path(args.save).write_text(json.dumps({"args": vars(args), "runs": results, "validation_loss": val,
+                                               "gradient_checkpointing_pair": list(memory.values())}, indent=1))
     report(names, results, val, params, memory, rows, skipped, mean, lengths, load_before, load_after,
            time.perf_counter() - started)
 
