@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from tests.conftest import finetune_argv, write_task
+import lora
+from tests.conftest import finetune_argv, make_adapter, write_task
 from lora.cli import main
 from lora.errors import LoraError
 from lora.multitask import MultiTaskModel
@@ -92,3 +93,30 @@ def test_unknown_mode_is_refused(llama_tasks):
     mt = MultiTaskModel(model, paths)
     with pytest.raises(LoraError, match="unknown batching mode 'fast'"):
         mt.generate_responses(requests_for(["color"]), mode="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_update_is_rounded_once(tmp_path, tiny_llama, dtype):
+    """A mixed row's output is the exact base output + low-rank update, rounded once to the model's dtype.
+
+    Rounding the update (or its factors) to bfloat16/float16 before adding it, as a plain unmerged LoRA layer
+    does, makes tokens drift from merged weights more than the one rounding they cannot avoid.
+    """
+    path = make_adapter(tiny_llama, tmp_path / "adapter", ["q_proj"], seed=0)
+    mt = MultiTaskModel(tiny_llama, {"task": path}, dtype=dtype)
+    name, adapter = next(iter(lora.read_adapter(path).modules.items()))
+    module = mt.pretrained_model.get_submodule(name)
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, adapter.A.shape[1]).to(dtype)
+    mixed = mt.mix(["task"])
+    mixed.select(torch.ones(4, 16, dtype=torch.long))  # every token uses tasks[0]
+    mt.activate(None)
+    with torch.no_grad():
+        base = module(x)
+        with mixed.attached():
+            out = module(x)
+    update = (x.double() @ adapter.A.double().T @ adapter.B.double().T) * adapter.scaling
+    exact = (base.double() + update).to(dtype)
+    rounded_twice = base + update.to(dtype)
+    assert (out != exact).float().mean() < 0.01
+    assert (rounded_twice != exact).float().mean() > 0.1  # the test can tell the two apart
