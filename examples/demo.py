@@ -1,6 +1,9 @@
 """`make demo`: three LoRA task adapters on SmolLM2-135M-Instruct, trained, scored and served from one model.
 
-1. finetune one adapter per task (examples/<task>/) into runs/demo/<task>/ with the seed's finetune command;
+1. finetune one adapter per task (examples/<task>/) into runs/demo/<task>/ with the seed's finetune command,
+   each from another data format: question_answering from the Alpaca files and their prompt format,
+   summarization from OpenAI `messages` and extraction from ShareGPT `conversations` (written to
+   runs/demo/data/ from the same records), both through the model's chat template;
 2. score the base model and each adapter on the task's test.json (what `lora eval` does);
 3. load all three into one MultiTaskModel and answer test examples in interleaved task order, timing switches;
 4. write runs/demo/report.md, loss.png and metrics.png.
@@ -9,6 +12,7 @@ Re-running reuses finished adapters (runs/demo/<task>/final) unless --force; an 
 from its newest complete checkpoint.
 """
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -27,11 +31,14 @@ from lora.cli import main as lora_cli  # noqa: E402
 from lora.data import load_prompt_format, load_records  # noqa: E402
 from lora.evaluate import METRICS, evaluate  # noqa: E402
 from lora.models import resolve_model_path  # noqa: E402
+from lora.prompts import user_content  # noqa: E402
 from lora.report import METRIC_NAMES, write_report  # noqa: E402
 
 RUN_DIR = os.path.join(ROOT, "runs", "demo")
 MAPPER = os.path.join(EXAMPLES, "downstream_checkpoint_mapper.json")  # task -> runs/demo/<task>/final
 TASKS = {"question_answering": "exact_match", "summarization": "rouge_l", "extraction": "exact_match"}
+DATA_FORMATS = {"question_answering": "alpaca", "summarization": "messages", "extraction": "sharegpt"}
+SYSTEM_PROMPT = "You are a helpful assistant."  # as in the tasks' prompt_format.txt
 # Sized for 2 CPU cores: 16 steps of 8 examples per task (128 of the 320 training examples, each seen once) at
 # a high learning rate. These tasks are mostly about the answer's form, which LoRA on every linear layer picks
 # up from about a hundred examples; on a faster machine raise --max_steps. Every 8 steps: a validation loss
@@ -46,6 +53,41 @@ ROUNDS = 2  # interleaved answers per task in step 3
 
 def task_file(task, name):
     return os.path.join(EXAMPLES, task, name)
+
+
+def chat_record(record, data_format):
+    """An Alpaca record as a chat: a system prompt, the user's request, the answer.
+
+    The user message is what a request with the same instruction and input becomes at generation time
+    (lora.prompts.user_content), so the adapter is asked exactly as it was trained.
+    """
+    turns = [("system", SYSTEM_PROMPT), ("user", user_content(record["instruction"], record["input"])),
+             ("assistant", record["output"])]
+    if data_format == "messages":
+        return {"messages": [{"role": role, "content": text} for role, text in turns]}
+    sharegpt_roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    return {"conversations": [{"from": sharegpt_roles[role], "value": text} for role, text in turns]}
+
+
+def chat_file(task, split, data_format):
+    """runs/demo/data/<task>/<split>.jsonl: the task's Alpaca split as chat data."""
+    path = os.path.join(RUN_DIR, "data", task, f"{split}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in load_records(task_file(task, f"{split}.json")):
+            f.write(json.dumps(chat_record(record, data_format), ensure_ascii=False) + "\n")
+    return path
+
+
+def data_arguments(task):
+    """finetune's data flags: the Alpaca files and prompt format, or the same records as chat data."""
+    data_format = DATA_FORMATS[task]
+    if data_format == "alpaca":
+        return ["--prompt_format_path", task_file(task, "prompt_format.txt"),
+                "--train_data_path", task_file(task, "train.json"),
+                "--validation_data_path", task_file(task, "validation.json")]
+    return ["--data_format", data_format, "--train_data_path", chat_file(task, "train", data_format),
+            "--validation_data_path", chat_file(task, "validation", data_format)]
 
 
 def newest_checkpoint(run_dir):
@@ -71,10 +113,7 @@ def finetune(task, force):
         print(f"{task}: reusing {os.path.relpath(run_dir, ROOT)}/final (make demo FORCE=1 retrains)")
         return None
     argv = ["finetune", "--model_name_or_path", DEFAULT_MODEL,
-            "--target_modules_path", task_file(task, "target_modules.txt"),
-            "--prompt_format_path", task_file(task, "prompt_format.txt"),
-            "--train_data_path", task_file(task, "train.json"),
-            "--validation_data_path", task_file(task, "validation.json"),
+            "--target_modules_path", task_file(task, "target_modules.txt"), *data_arguments(task),
             "--checkpoint_dir", run_dir, *TRAINING]
     resume = newest_checkpoint(run_dir)
     if resume:
@@ -130,7 +169,7 @@ def task_summary(mt, task, base, tuned, train_seconds):
     return {"task": task, "metric": TASKS[task], "base_score": base["score"], "adapter_score": tuned["score"],
             "n": tuned["n"], "adapter_parameters": sum(m.A.numel() + m.B.numel() for m in adapter.modules.values()),
             "adapter_bytes": adapter_size_bytes(adapter.path), "train_seconds": train_seconds,
-            "metrics_path": os.path.join(RUN_DIR, task, "metrics.jsonl"),
+            "metrics_path": os.path.join(RUN_DIR, task, "metrics.jsonl"), "data_format": DATA_FORMATS[task],
             "example": {"instruction": first_tuned["instruction"], "input": first_tuned["input"],
                         "output": first_tuned["output"], "base": first_base["prediction"],
                         "adapter": first_tuned["prediction"]}}

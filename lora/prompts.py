@@ -6,6 +6,14 @@ from .errors import LoraError
 DEFAULT_PROMPT_FORMAT = "{instruction}\n\n{input}"
 
 
+def user_content(instruction: str, input: str = "") -> str:
+    """The user message an Alpaca-style request (instruction, input) becomes for a task trained on chat data.
+
+    Chat data converted from Alpaca records should use it too, so training and serving see the same text.
+    """
+    return f"{instruction}\n\n{input}" if input else instruction
+
+
 def last_user_message(messages):
     users = [m["content"] for m in messages if m.get("role") == "user"]
     if not users:
@@ -34,7 +42,7 @@ def prompt_ids(tokenizer, meta, *, instruction="", input="", messages=None, prom
     if messages is not None:
         instruction, input = last_user_message(messages), ""
     if meta is not None and meta.get("chat_template") and prompt_format is None:
-        content = f"{instruction}\n\n{input}" if input else instruction
-        return render_chat(tokenizer, [{"role": "user", "content": content}], meta.get("system_prompt"))
+        messages = [{"role": "user", "content": user_content(instruction, input)}]
+        return render_chat(tokenizer, messages, meta.get("system_prompt"))
     fmt = prompt_format or (meta or {}).get("prompt_format") or DEFAULT_PROMPT_FORMAT
     return encode_prompt(tokenizer, format_prompt(fmt, instruction, input))

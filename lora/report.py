@@ -5,7 +5,7 @@ reused without parsing markdown):
 
     {"model": str, "base_parameters": int, "base_bytes": int, "wall_seconds": float, "threads": int,
      "tasks": [{"task", "metric", "base_score", "adapter_score", "n", "adapter_parameters", "adapter_bytes",
-                "train_seconds" (None when reused), "metrics_path", "example": {"instruction", "input",
+                "train_seconds" (None when reused), "metrics_path", "data_format" (optional), "example": {"instruction", "input",
                 "output", "base", "adapter"}}],
      "switches": [{"task", "switch_ms", "answer_seconds", "instruction", "input", "answer"}],
      "phases": {name: seconds}, "cpu_seconds": float, "load_average": float (all three optional)}
@@ -57,15 +57,19 @@ def size_table(summary):
 
 
 def training_table(tasks):
-    lines = ["| task | optimizer steps | training time | last train loss | validation loss |", "|---|---:|---:|---:|---:|"]
+    lines = ["| task | training data | optimizer steps | training time | train loss, first -> last "
+             "| validation loss, first -> last |", "|---|---|---:|---:|---:|---:|"]
     for t in tasks:
         rows = read_metrics(t["metrics_path"])
         train, val = train_rows(rows), validation_rows(rows)
         took = minutes(t["train_seconds"]) if t.get("train_seconds") is not None else "reused"
-        lines.append(f"| {t['task']} | {train[-1]['step'] if train else '-'} | {took} | "
-                     f"{train[-1]['loss'] if train else float('nan'):.3f} | "
-                     f"{val[-1]['val_loss'] if val else float('nan'):.3f} |")
+        lines.append(f"| {t['task']} | {t.get('data_format', '-')} | {train[-1]['step'] if train else '-'} | {took} | "
+                     f"{first_last(train, 'loss')} | {first_last(val, 'val_loss')} |")
     return lines
+
+
+def first_last(rows, key):
+    return f"{rows[0][key]:.3f} -> {rows[-1][key]:.3f}" if rows else "-"
 
 
 def switch_table(switches):

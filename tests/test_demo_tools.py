@@ -145,7 +145,7 @@ def test_report_has_the_tables_and_both_pictures(tmp_path):
             {"step": 2, "epoch": 1, "val_loss": 1.2, "val_perplexity": 3.3}]))
         tasks.append({"task": task, "metric": metric, "base_score": 0.1 + i / 10, "adapter_score": 0.9, "n": 60,
                       "adapter_parameters": 2_442_240, "adapter_bytes": 9_800_000, "train_seconds": 75.0 if i else None,
-                      "metrics_path": str(metrics),
+                      "metrics_path": str(metrics), "data_format": ["alpaca", "messages"][i],
                       "example": {"instruction": "Who | won?", "input": "Ana won.", "output": "Ana", "base": "Ana won.",
                                   "adapter": "Ana"}})
     summary = {"model": "tiny", "base_parameters": 134_515_008, "base_bytes": 538_060_032, "threads": 2,
@@ -158,7 +158,8 @@ def test_report_has_the_tables_and_both_pictures(tmp_path):
     assert "| summarization | ROUGE-L F1 | 0.20 | **0.90** | 60 |" in text
     assert "| question_answering adapter | 2.44 M | 9.8 MB | 1.82% |" in text
     assert "median switch time **3.5 ms** (max 10.0 ms)" in text
-    assert "| question_answering | 2 | reused | 1.000 | 1.200 |" in text and "| summarization | 2 | 75 s |" in text
+    assert "| question_answering | alpaca | 2 | reused | 2.000 -> 1.000 | 1.200 -> 1.200 |" in text
+    assert "| summarization | messages | 2 | 75 s |" in text
     assert "| Who \\| won? | Ana |" in text  # a bare | inside a cell would end it
     assert "6.7 min" in text and "![base model vs adapter](metrics.png)" in text and "(loss.png)" in text
     for picture in ("loss.png", "metrics.png"):
