@@ -25,8 +25,10 @@ tokens must equal generate's).
 
 Precision (--dtypes). The share of answers equal to the same request alone, per dtype and mode, on the
 uniform workload (nearly every step mixes tasks). Mixed steps compute each token's low-rank update in
-float32 and round once when adding it (layers.mixed_update_hook); the last column computes it in the
-model's dtype instead, as a plain unmerged LoRA layer would, to show what the float32 update buys.
+float32 and round once when adding it (layers.mixed_update_hook); one column computes it in the model's
+dtype instead, as a plain unmerged LoRA layer would, to show what the float32 update buys. The last
+column compares mixed answers with the same request alone in mixed mode too: what batching changes,
+apart from merged vs unmerged rounding.
 
 The adapters are random (seeded), A and B drawn from N(0, 0.02): large enough to change the answers.
 """
@@ -304,28 +306,31 @@ def update_in(dtype):
 def precision(model_path, paths, dtypes):
     """Per dtype and mode, how many answers of the uniform workload equal the same request alone."""
     requests = list(workloads(list(paths)).values())[1]
+    columns = {"merged": "engine merged", "auto": "engine auto", "mixed": "engine mixed (update in float32, as shipped)",
+               "in dtype": "engine mixed, update in the model's dtype",
+               "vs mixed alone": "engine mixed vs the same request alone in mixed mode"}
     rows = []
     for dtype in dtypes:
         mt = lora.MultiTaskModel(model_path, paths, device=DEVICE, dtype=dtype)
         reference = alone(mt, requests)
-        same = {mode: agreement(mt.generate_responses(requests, args.batch_size, mode), reference)
-                for mode in ("merged", "auto", "mixed")}
+        answers = {mode: mt.generate_responses(requests, args.batch_size, mode) for mode in ("merged", "auto", "mixed")}
+        same = {mode: agreement(a, reference) for mode, a in answers.items()}
         if dtype != "float32":
             with update_in(resolve_dtype(dtype)):
-                same["mixed, update in dtype"] = agreement(mt.generate_responses(requests, args.batch_size, "mixed"),
-                                                           reference)
+                same["in dtype"] = agreement(mt.generate_responses(requests, args.batch_size, "mixed"), reference)
+        # Which differences come from batching itself rather than from merged vs unmerged rounding.
+        same["vs mixed alone"] = agreement(answers["mixed"], mt.generate_responses(requests, 1, "mixed"))
         rows.append((dtype, same))
         log(f"{dtype}: {same}")
         del mt
     n = len(requests)
-    print(f"\nAnswers equal to the same request alone, uniform workload ({n} requests over {args.tasks} adapters, "
-          f"{shape_line()}, --batch-size {args.batch_size}, {args.max_new_tokens} greedy tokens each, {DEVICE}):\n")
-    print("| dtype | engine merged | engine auto | engine mixed (update in float32, as shipped) "
-          "| engine mixed, update in the model's dtype |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"\nAnswers equal to the same request alone (merged weights unless said), uniform workload ({n} requests "
+          f"over {args.tasks} adapters, {shape_line()}, --batch-size {args.batch_size}, {args.max_new_tokens} greedy "
+          f"tokens each, {DEVICE}):\n")
+    print("| dtype | " + " | ".join(columns.values()) + " |")
+    print("|---|" + "---:|" * len(columns))
     for dtype, same in rows:
-        cells = [f"{same[m]}/{n} ({same[m] / n:.0%})" if m in same else "= float32"
-                 for m in ("merged", "auto", "mixed", "mixed, update in dtype")]
+        cells = [f"{same[c]}/{n} ({same[c] / n:.0%})" if c in same else "= as shipped" for c in columns]
         print(f"| {dtype} | " + " | ".join(cells) + " |")
 
 
