@@ -109,8 +109,9 @@ def write_report(out_dir, summary):
              f"all served from one `MultiTaskModel`. The whole run took {minutes(summary['wall_seconds'])} "
              f"on {summary['threads']} CPU thread(s).", "",
              "## Base model vs adapter", "",
-             "Each model answers every test example greedily with the task's prompt format; the base model gets the "
-             "same prompt as the adapter.", "", *score_table(tasks), ""]
+             "Each model answers every test example greedily. An adapter is prompted as it was trained (its prompt "
+             "format, or the chat template for chat data); the base model gets the task's prompt format, with the "
+             "task's instructions written out.", "", *score_table(tasks), ""]
     if metrics_png:
         lines += ["![base model vs adapter](metrics.png)", ""]
     lines += ["## Training", "", *training_table(tasks), ""]
