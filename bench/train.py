@@ -1,6 +1,6 @@
 """Finetuning speed, memory and loss: lora-pytorch vs PEFT + transformers' Trainer and TRL's SFTTrainer, measured.
 
-    .venv/bin/python bench/train.py                        # SmolLM2-135M, 10 steps a run, 2 repeats: ~10 min, 2 idle cores
+    .venv/bin/python bench/train.py                        # SmolLM2-135M, 20 steps a run, 2 repeats: ~23 min, 2 idle cores
     .venv/bin/python bench/train.py --threads 1            # on a busy shared machine
     .venv/bin/python bench/train.py --steps 40 --repeats 3 --batch_size 8     # longer and steadier
     .venv/bin/python bench/train.py --runs ours,peft --no-memory_pair         # a subset
@@ -61,7 +61,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", default="smollm2-135m")
 p.add_argument("--runs", default="ours,ours-packing,peft,trl-packing",
                help=f"comma-separated, in the order they take turns: {', '.join(RUNS)}")
-p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
+p.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
 p.add_argument("--repeats", type=int, default=2)
 p.add_argument("--batch_size", type=int, default=4, help="examples per padded batch")
 p.add_argument("--packed_batch_size", type=int, default=0,
