@@ -5,8 +5,8 @@ reused without parsing markdown):
 
     {"model": str, "base_parameters": int, "base_bytes": int, "wall_seconds": float, "threads": int,
      "tasks": [{"task", "metric", "base_score", "adapter_score", "n", "adapter_parameters", "adapter_bytes",
-                "train_seconds" (None when reused), "metrics_path", "data_format" (optional), "example": {"instruction", "input",
-                "output", "base", "adapter"}}],
+                "train_seconds" (None when reused), "metrics_path", "data_format" (optional),
+                "example": {"instruction", "input", "output", "base", "adapter"}}],
      "switches": [{"task", "switch_ms", "answer_seconds", "instruction", "input", "answer"}],
      "phases": {name: seconds}, "cpu_seconds": float, "load_average": float (all three optional)}
 """
