@@ -72,7 +72,15 @@ class Output:
     prompt_tokens: int
     finished: bool
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
-    error: Exception | None = None
+    error: BaseException | None = None
+    # serve's shim of the engine package's contract (PLAN.md); the lead drops it at merge
+    new_token_ids: list = field(default_factory=list)
+    num_tokens: int = 0
+    num_prompt_tokens: int = 0
+
+
+class EngineDead(LoraError):
+    """The engine thread has stopped; no request can be answered any more (serve's shim, see PLAN.md)."""
 
 
 class QueueFull(LoraError):
@@ -283,6 +291,7 @@ class Engine:
         self._cond = threading.Condition()
         self._calls, self._aborts = [], set()
         self._thread, self._stopping = None, False
+        self.dead: BaseException | None = None
         self._mixed, self._merged_steps, self._spec = None, 0, None
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "steps_total": 0}
 
@@ -292,6 +301,8 @@ class Engine:
         """Queue one request; returns its id. Thread-safe. Raises LoraError for a bad request, QueueFull."""
         seq = self._sequence(prompt_ids, task, sampling, on_output, request_id)
         with self._cond:
+            if self.dead is not None:
+                raise EngineDead(f"the engine has stopped ({type(self.dead).__name__}: {self.dead}); restart the server")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already; try again shortly")
             self.waiting.append(seq)
@@ -319,13 +330,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self):
-        """Finish every queued and running request, then stop the thread."""
+    def shutdown(self, timeout=None):
+        """Finish every queued and running request, then stop the thread (waiting at most `timeout` s)."""
         if self._thread is not None:
             with self._cond:
                 self._stopping = True
                 self._cond.notify()
-            self._thread.join()
+            self._thread.join(timeout)
             self._thread = None
 
     def generate(self, prompts, tasks, sampling):
@@ -345,8 +356,14 @@ class Engine:
 
     def stats(self):
         used = sum(len(s.prompt) + len(s.tokens) for s in self.running)
-        return {"running": len(self.running), "waiting": len(self.waiting),
-                "kv_cache_usage": used / (self.cache.slots * self.cache.max_len), **self.counters}
+        running, waiting = list(self.running), list(self.waiting)
+
+        def tasks(seqs):
+            return sorted({name for s in seqs if s.spec for name, _ in s.spec})
+        return {"running": len(running), "waiting": len(waiting),
+                "kv_cache_usage": used / (self.cache.slots * self.cache.max_len), **self.counters,
+                "running_lora_adapters": tasks(running), "waiting_lora_adapters": tasks(waiting),
+                "max_lora": self.cache.slots}
 
     # ------------------------------------------------------------------ one step
 
@@ -496,8 +513,9 @@ class Engine:
         """Hand the request its state after a new token (the delta may be empty: the text is held back)."""
         delta = text[len(seq.sent):] if text.startswith(seq.sent) else ""
         seq.sent = text if delta or finish_reason else seq.sent
+        sent = seq.output.num_tokens if seq.output is not None else 0
         seq.output = Output(seq.request_id, text, delta, list(seq.tokens), len(seq.prompt), finish_reason is not None,
-                            finish_reason, error)
+                            finish_reason, error, list(seq.tokens[sent:]), len(seq.tokens), len(seq.prompt))
         if seq.on_output is not None:
             seq.on_output(seq.output)
 
@@ -512,6 +530,17 @@ class Engine:
         self.running = [s for s in self.running if not s.done.is_set()]
 
     def _loop(self):
+        try:
+            self._steps()
+        except BaseException as e:  # serve's shim of the engine package's `dead` contract
+            with self._cond:
+                self.dead = e
+                for seq in [*self.waiting, *self.running]:
+                    self._finish(seq, "error", error=EngineDead(f"the engine has stopped ({type(e).__name__}: {e})"))
+                self.waiting.clear()
+                self.running = []
+
+    def _steps(self):
         while True:
             with self._cond:
                 while not (self.waiting or self.running or self._calls or self._stopping):
