@@ -284,6 +284,7 @@ class Engine:
             raise LoraError(f"the KV cache budget of {kv_cache_bytes} bytes holds no sequence of {self.max_model_len} "
                             f"tokens ({per_slot} bytes); raise the budget or lower max_model_len")
         self.cache = KVCache(slots, self.max_model_len)
+        self.max_num_seqs = slots  # serve's shim: the engine's real settings, read by create_app
         self.max_prefill_tokens, self.max_waiting = max_prefill_tokens, max_waiting
         self.eos = eos_ids(self.model, self.tokenizer)
         self.model.set_attn_implementation(ATTENTION)
