@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,10 +14,12 @@ import openai
 import pytest
 
 from lora.engine import Engine
+from lora.errors import LoraError
 from lora.multitask import MultiTaskModel
 from lora.serve import create_app
 from tests.serve.helpers import (
     QUESTIONS,
+    GatedEngine,
     error_of,
     free_port,
     raw_prompt,
@@ -68,7 +71,8 @@ def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapter
     env = {**os.environ, "LORA_API_KEY": "k3y", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "lora.cli", "serve", "--model", tiny_llama, "--mapper", str(mapper),
-                             "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu"],
+                             "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu",
+                             "--shutdown-timeout", "10", "--body-timeout", "600"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -99,7 +103,13 @@ def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapter
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             streams = list(pool.map(stream, prompts))
             first = next(iter(streams[0]))
+            # A client that sends half a body and stalls: only the drain deadline ends it.
+            stalled = socket.create_connection(("127.0.0.1", port))
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+            time.sleep(1)  # it is in flight before the signal
             proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             deadline = time.monotonic() + 30
             while (status := httpx.get(url + "/health").status_code) != 503:  # a refused connection fails here
                 assert status == 200 and time.monotonic() < deadline
@@ -112,8 +122,72 @@ def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapter
         texts[0] = first.choices[0].text + texts[0]
         assert texts == expected
         assert proc.wait(timeout=60) == 0
+        assert 9 < time.monotonic() - signalled < 30  # --shutdown-timeout (10 s) ended it, not --body-timeout
+        stalled.settimeout(5)
+        assert stalled.recv(100) == b""  # its connection was closed
+        stalled.close()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+class Fatal(BaseException):
+    """A fault no step survives: the engine thread stops."""
+
+
+def test_a_stopped_engine_fails_every_request_at_once_with_503(tiny_llama):
+    mt = MultiTaskModel(tiny_llama)
+    engine = GatedEngine(mt)
+    with serving(create_app(mt, engine, served_model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+        engine.paused.clear()  # what comes now waits
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            waiting = pool.submit(client.completions.create, model="tiny", prompt="hi", max_tokens=2)
+            streamed = pool.submit(lambda: httpx.post(url + "/v1/completions", timeout=30, json={
+                "model": "tiny", "prompt": "hi", "max_tokens": 2, "stream": True}).text)
+            deadline = time.monotonic() + 30
+            while engine.stats()["waiting"] + engine.stats()["running"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            engine.kill = Fatal("injected fault")
+            engine.paused.set()
+            with pytest.raises(openai.APIStatusError) as e:
+                waiting.result(timeout=30)
+            assert e.value.status_code == 503 and error_of(e)["code"] == "engine_dead"
+            events = streamed.result(timeout=30)
+        assert '"code": "engine_dead"' in events and events.endswith("data: [DONE]\n\n")
+        assert httpx.get(url + "/health").status_code == 503
+        start = time.monotonic()
+        for stream in (False, True):
+            with pytest.raises(openai.APIStatusError) as e:
+                client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=stream)
+            assert e.value.status_code == 503 and "injected fault" in error_of(e)["message"]
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 503
+        assert time.monotonic() - start < 5
+
+
+def test_startup_refuses_settings_that_cannot_work(tiny_llama, adapters, capsys):
+    from lora.cli import main
+    assert main(["serve", "--model", tiny_llama, "--max-waiting", "0"]) == 2
+    assert "--max-waiting must be at least 1" in capsys.readouterr().err
+    # A task named like the served base model would be listed twice and answered by the base.
+    mt = MultiTaskModel(tiny_llama, {"tiny": adapters[0]["color"]})
+    with pytest.raises(LoraError, match="task 'tiny' has the served model's name"):
+        create_app(mt, served_model_name="tiny")
+    assert main(["serve", "--model", tiny_llama, "--mapper", str(adapters[0]["color"].parent / "m.json"),
+                 "--served-model-name", "x", "--shutdown-timeout", "0"]) == 2
+    assert "--shutdown-timeout must be a positive number" in capsys.readouterr().err
+
+
+def test_a_non_ascii_api_key_works(tiny_llama):
+    mt = MultiTaskModel(tiny_llama)
+    with serving(create_app(mt, served_model_name="tiny", api_key="clé-ключ")) as url:
+        right = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer clé-ключ".encode()})
+        assert right.status_code == 200 and right.json()["data"][0]["id"] == "tiny"
+        wrong = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer cle-ключ".encode()})
+        assert wrong.status_code == 401
