@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..models import model_name
-from .gate import BODY_TIMEOUT, MAX_BODY_BYTES, Gate
+from .gate import BODY_TIMEOUT, MAX_BODY_BYTES, Gate, GuardedH11Protocol
 from .limits import Limits
 from .models import ServedModels
 from .protocol import APIError
@@ -90,6 +90,7 @@ class DrainingServer(uvicorn.Server):
     `shutdown_timeout` seconds the connections still open are closed; a second signal stops it at once."""
 
     def __init__(self, config: uvicorn.Config, shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        config.http = GuardedH11Protocol  # see gate.py: bodies in tiny pieces
         super().__init__(config)
         app: Any = config.app  # the FastAPI app of create_app
         self.app_state = app.state

@@ -1,8 +1,11 @@
-"""The ASGI middleware in front of every route: drain, API key, body size and body read deadline."""
+"""In front of every route: drain, API key, body size, body read deadline (ASGI) and body pieces (HTTP)."""
 import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .protocol import APIError
 
@@ -12,6 +15,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
 MAX_BODY_BYTES = 1 << 20
 BODY_TIMEOUT = 30.0
+MAX_BODY_PIECES = 8192  # a 1 MiB body sent in pieces of 128 bytes on average; TCP delivers far bigger ones
 OPEN_PATHS = ("/health",)  # no key needed
 DRAIN_OPEN_PATHS = ("/health", "/metrics")  # answered while draining (/health with 503)
 
@@ -93,3 +97,26 @@ def replay(body: bytes, receive: Receive) -> Receive:
     async def replayed() -> Message:
         return pending.pop() if pending else await receive()
     return replayed
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, which closes a connection whose request body comes in over MAX_BODY_PIECES
+    pieces: each piece costs Python work on the event loop (1 MB in 1-byte chunks stalled it for seconds),
+    and no ASGI middleware sees the pieces, only what uvicorn has joined of them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pieces = 0
+        next_event = self.conn.next_event
+
+        def counted() -> Any:
+            event = next_event()
+            if isinstance(event, h11.Request):
+                self.pieces = 0
+            elif isinstance(event, h11.Data):
+                self.pieces += 1
+                if self.pieces > MAX_BODY_PIECES:
+                    self.transport.close()  # the app sees the client leave
+                    return h11.PAUSED  # and nothing more of this connection is parsed
+            return event
+        self.conn.next_event = counted  # type: ignore[method-assign]

@@ -1,12 +1,20 @@
 """What one request may ask for, and the clear 4xx it gets beyond that."""
+import concurrent.futures
+import contextlib
+import gc
+import json
+import socket
 import threading
 import time
+import tracemalloc
 
 import httpx
 import openai
 import pytest
 
-from tests.serve.helpers import CAP, MAX_PROMPTS, error_of
+from lora.multitask import MultiTaskModel
+from lora.serve import create_app
+from tests.serve.helpers import CAP, MAX_PROMPTS, GatedEngine, error_of, serving
 
 
 def test_errors_come_in_openai_shape_with_the_right_status(server, client):
@@ -93,3 +101,126 @@ def test_prompts_times_n_are_bounded_per_request(client):
     assert error_of(e)["param"] == "n"
     assert len(client.completions.create(model="color", prompt=["hi"] * 4, n=MAX_PROMPTS // 4, max_tokens=2).choices) \
         == MAX_PROMPTS
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logprobs", 2), ("echo", True), ("best_of", 3), ("logit_bias", {"50": 100}), ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("suffix", "!"), ("top_logprobs", 2)])
+def test_openai_fields_not_implemented_are_refused_by_name(server, field, value):
+    for path, body in (("/v1/completions", {"prompt": "hi"}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        answer = httpx.post(server[0] + path, json={"model": "color", "max_tokens": 2, **body, field: value})
+        assert answer.status_code == 400, (path, field)
+        error = answer.json()["error"]
+        assert error["param"] == field and field in error["message"] and error["code"] == "unsupported_field"
+
+
+def test_harmless_and_neutral_fields_are_accepted(client):
+    out = client.completions.create(model="color", prompt="hi", max_tokens=2, user="someone", best_of=1, echo=False,
+                                    presence_penalty=0, frequency_penalty=0.0, logprobs=None,
+                                    extra_body={"repetition_penalty": 1.0, "metadata": {"a": "b"}})
+    assert out.choices[0].finish_reason
+
+
+def test_sampling_values_are_checked_by_the_engine_s_one_validator(client):
+    for fields in ({"max_tokens": 4, "extra_body": {"min_tokens": 5}}, {"temperature": -1}, {"top_p": 0},
+                   {"max_tokens": 0}, {"extra_body": {"top_k": -3}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="color", prompt="hi", **{"max_tokens": 4, **fields})
+        assert error_of(e)["code"] == "invalid_sampling_params", fields
+    with pytest.raises(openai.BadRequestError) as e:  # the default budget (16) is under min_tokens too
+        client.completions.create(model="color", prompt="hi", extra_body={"min_tokens": 20})
+    assert "min_tokens" in error_of(e)["message"]
+
+
+def test_lone_surrogates_are_a_400_not_a_500(server):
+    for path, body in (("/v1/completions", '{"model": "color", "prompt": "a\\ud800"}'),
+                       ("/v1/completions", '{"model": "\\udfff", "prompt": "a"}'),
+                       ("/v1/chat/completions", '{"model": "color", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+                       ("/v1/generate", '{"downstream": "color", "instruction": "x\\ud800y"}')):
+        answer = httpx.post(server[0] + path, content=body.encode(), headers={"content-type": "application/json"})
+        assert answer.status_code == 400, (path, body)
+        assert "surrogate" in answer.json()["error"]["message"]
+
+
+def test_chat_turns_are_limited_and_tokenizing_is_linear(server):
+    """A chat of 3,201 empty turns is refused at once; the longest allowed one does not hold up another client."""
+    url = server[0]
+    turns = [{"role": role, "content": ""} for _ in range(1600) for role in ("user", "assistant")]
+    start = time.monotonic()
+    refused = httpx.post(url + "/v1/chat/completions", timeout=60,
+                         json={"model": "color-chat", "messages": turns + [{"role": "user", "content": ""}]})
+    assert time.monotonic() - start < 2
+    assert refused.status_code == 400 and "--max-chat-turns" in refused.json()["error"]["message"]
+    allowed = turns[:254] + [{"role": "user", "content": "hi"}]  # 255 messages: within the default 256
+
+    def long_chat():
+        return httpx.post(url + "/v1/chat/completions", timeout=60,
+                          json={"model": "color-chat", "messages": allowed, "max_tokens": 2})
+    short = {"model": "color-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        longs = [pool.submit(long_chat) for _ in range(3)]
+        time.sleep(0.05)
+        start = time.monotonic()
+        assert httpx.post(url + "/v1/chat/completions", json=short, timeout=60).status_code == 200
+        waited = time.monotonic() - start
+        assert all(f.result().status_code in (200, 400) for f in longs)
+    assert waited < 1.0
+
+
+def test_a_stalled_body_gets_408_and_tiny_chunks_cost_little(tiny_llama):
+    mt = MultiTaskModel(tiny_llama)
+    with serving(create_app(mt, served_model_name="tiny", body_timeout=1.0)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{\"model\"")
+            stalled.settimeout(10)
+            start = time.monotonic()
+            answer = stalled.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5
+            answer += b"".join(iter(lambda: stalled.recv(4096), b""))  # until the server closes it
+            assert b"--body-timeout" in answer
+        # 1 MB in 1-byte chunks: /health keeps answering meanwhile.
+        chunked = b"".join(b"1\r\n" + b"x" + b"\r\n" for _ in range(1 << 20)) + b"0\r\n\r\n"
+        latencies = []
+        with socket.create_connection(("127.0.0.1", port)) as tiny:
+            tiny.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            def send():
+                with contextlib.suppress(OSError):  # the server may answer and close before the end
+                    tiny.sendall(chunked)
+            sender = threading.Thread(target=send)
+            sender.start()
+            while sender.is_alive():
+                start = time.monotonic()
+                assert httpx.get(url + "/health", timeout=30).status_code == 200
+                latencies.append(time.monotonic() - start)
+            sender.join()
+        assert max(latencies) < 1.0
+
+
+def test_a_waiting_request_holds_its_token_ids_not_its_body(tiny_llama):
+    """Bodies padded with a megabyte of a field the server ignores: while they wait, memory stays flat."""
+    mt = MultiTaskModel(tiny_llama)
+    engine = GatedEngine(mt)
+    with serving(create_app(mt, engine, served_model_name="tiny")) as url:
+        body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "u" * ((1 << 20) - 100)}).encode()
+        httpx.post(url + "/v1/completions", content=body, timeout=30)  # warm: pools, tokenizer copies
+        engine.paused.clear()
+        tracemalloc.start()  # Python's own count of live allocations, in the server's threads and the clients'
+        before = tracemalloc.get_traced_memory()[0]
+        with concurrent.futures.ThreadPoolExecutor(30) as pool:
+            answers = [pool.submit(httpx.post, url + "/v1/completions", content=body, timeout=60) for _ in range(30)]
+            deadline = time.monotonic() + 60
+            while engine.stats()["waiting"] < 30:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            engine.paused.set()
+            assert all(a.result().status_code == 200 for a in answers)
+    assert grown < 20 << 20, f"30 waiting requests grew memory by {grown >> 20} MiB"
+
