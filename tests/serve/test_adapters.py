@@ -9,7 +9,8 @@ import pytest
 
 from lora.multitask import MultiTaskModel
 from lora.serve import create_app
-from tests.serve.helpers import QUESTIONS, error_of, raw_prompt, serving
+from tests.conftest import make_adapter
+from tests.serve.helpers import QUESTIONS, error_of, metrics, raw_prompt, serving
 
 
 def test_load_and_unload_an_adapter_at_run_time(server, client, reference):
@@ -84,3 +85,35 @@ def test_a_reread_after_eviction_checks_the_root_again(tiny_llama, adapters, tmp
             client.completions.create(model="swap", prompt=raw_prompt(QUESTIONS[0]), max_tokens=8)
         assert "symbolic link" in error_of(e)["message"]
         assert client.completions.create(model="other", prompt="hi", max_tokens=2).choices  # and it still serves
+
+
+def test_lora_names_are_limited_and_unloaded_tasks_leave_the_metrics(server, client):
+    url = server[0]
+    for name in ("x" * 129, "", "a b", "tiny", "ü"):
+        refused = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "extra"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "lora_name", name
+        assert len(refused.text) < 500
+    assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "org/extra:v1.2_x-y",
+                                                           "lora_path": "extra"}).status_code == 200
+    client.completions.create(model="org/extra:v1.2_x-y", prompt="hi", max_tokens=2)
+    labelled = [key for key in metrics(url) if ("task", "org/extra:v1.2_x-y") in key[1]]
+    assert any(name == "lora:request_success_total" for name, _ in labelled)
+    assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "org/extra:v1.2_x-y"}).status_code == 200
+    assert not [key for key in metrics(url) if ("task", "org/extra:v1.2_x-y") in key[1]]
+
+
+def test_errors_name_files_relative_to_the_adapter_root_and_the_model_by_its_name(server, adapters, chat_llama,
+                                                                                 other_llama, tmp_path):
+    url, adapter_root = server[0], adapters[1]
+    foreign = make_adapter(other_llama, adapter_root / "foreign", ["q_proj"], 0)  # trained on another base
+    try:
+        for path in ("foreign", "empty", "fifo", "malformed", "linked", "/etc", "../x"):
+            answer = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": path}, timeout=30)
+            message = answer.json()["error"]["message"]
+            assert answer.status_code in (400, 403) and str(adapter_root) not in message, message
+            assert os.path.realpath(adapter_root) not in message and str(tmp_path.parent) not in message
+            assert chat_llama not in message and other_llama not in message
+        mismatch = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "n", "lora_path": "foreign"}).json()
+        assert "tiny" in mismatch["error"]["message"]  # the served model, by its served name
+    finally:
+        shutil.rmtree(foreign)

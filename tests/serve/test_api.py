@@ -4,15 +4,12 @@ import threading
 import time
 
 import httpx
+import openai
 
 from lora.chat import render_chat
-from tests.serve.helpers import (
-    CHAT_SYSTEM,
-    QUESTIONS,
-    TASKS,
-    metrics,
-    raw_prompt,
-)
+from lora.multitask import MultiTaskModel
+from lora.serve import create_app
+from tests.serve.helpers import CHAT_SYSTEM, QUESTIONS, TASKS, GatedEngine, metrics, raw_prompt, serving
 
 
 def test_models_lists_the_base_model_and_every_task(client):
@@ -189,3 +186,35 @@ def test_load_200_requests_from_16_clients_over_4_tasks(server, client, referenc
         stopped = ("lora:request_success_total", (("finished_reason", "stop"), ("task", task)))
         assert after.get(key, 0) + after.get(stopped, 0) - before.get(key, 0) - before.get(stopped, 0) == 50
     assert after[("lora:generation_tokens_total", ())] > before[("lora:generation_tokens_total", ())]
+
+
+def test_vllm_metric_names_for_routers(tiny_llama, adapters):
+    """The names Kubernetes inference gateways read, with the adapters running and waiting."""
+    mt = MultiTaskModel(tiny_llama, {"color": adapters[0]["color"], "reverse": adapters[0]["reverse"]})
+    engine = GatedEngine(mt, max_num_seqs=1)
+    with serving(create_app(mt, engine, served_model_name="tiny")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        idle = metrics(url)
+        assert idle[("vllm:num_requests_running", ())] == idle[("vllm:num_requests_waiting", ())] == 0
+        assert idle[("vllm:kv_cache_usage_perc", ())] == 0
+        (info,) = [labels for name, labels in idle if name == "vllm:lora_requests_info"]
+        assert dict(info) == {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "1"}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.completions.create, model="color", prompt="hi", max_tokens=200,
+                                extra_body={"ignore_eos": True})
+            deadline = time.monotonic() + 30
+            while engine.stats()["running"] < 1:  # color runs: now hold the engine
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            engine.paused.clear()
+            second = pool.submit(client.completions.create, model="reverse", prompt="hi", max_tokens=2)
+            while engine.stats()["waiting"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            busy = metrics(url)
+            engine.paused.set()
+            first.result(), second.result()
+    assert busy[("vllm:num_requests_running", ())] == 1 and busy[("vllm:num_requests_waiting", ())] == 1
+    assert 0 < busy[("vllm:kv_cache_usage_perc", ())] <= 1
+    (info,) = [labels for name, labels in busy if name == "vllm:lora_requests_info"]
+    assert dict(info) == {"running_lora_adapters": "color", "waiting_lora_adapters": "reverse", "max_lora": "1"}
