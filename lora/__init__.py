@@ -5,7 +5,8 @@ from .inject import find_targets, inject, lora_layers, lora_parameters, mark_onl
 from .layers import LoraLayer
 from .models import DEFAULT_MODEL, load_model
 from .multitask import MultiTaskModel
-from .train import finetune, finetune_args
+from .train import finetune
+from .train_args import finetune_args
 
 __all__ = ["Adapter", "DEFAULT_MODEL", "LoraError", "LoraLayer", "MultiTaskModel", "find_targets", "finetune", "finetune_args",
            "inject", "load_adapter", "load_model", "lora_layers", "lora_parameters", "mark_only_lora_as_trainable",
