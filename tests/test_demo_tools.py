@@ -6,11 +6,11 @@ import re
 
 import pytest
 
+from examples.report import write_report
 from lora import MultiTaskModel
 from lora.cli import main
 from lora.cli.common import base_prompt_format
 from lora.evaluate import evaluate, exact_match, lcs_length, rouge_l
-from lora.report import write_report
 from tests.conftest import finetune_argv, write_task
 
 
