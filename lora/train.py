@@ -31,10 +31,8 @@ from .metrics import append_metrics, restart_metrics
 from .models import context_length, load_model, resolve_device
 from .plots import plot_losses
 from .resume import Position, check_resume_applies, restore, run_settings
-from .train_args import config_from_args, finetune_args
+from .train_args import config_from_args
 from .train_config import TrainConfig
-
-__all__ = ["Run", "TrainConfig", "finetune", "finetune_args", "fit", "setup"]
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # --mixed_precision
 
