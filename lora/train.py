@@ -314,9 +314,10 @@ def save(run: Run, name: str, with_state: bool = True) -> str:
     path = os.path.join(run.config.checkpoint_dir, name)
     if not run.is_main:
         return path
+    position = Position(step=run.step, epoch=run.epoch, examples_done=run.examples_done, best_val=run.best_val,
+                        bad_evals=run.bad_evals)  # the fields lora.resume.restore reads back
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "step": run.step, "epoch": run.epoch, "examples_done": run.examples_done,
-             "best_val": run.best_val, "bad_evals": run.bad_evals, "settings": run.settings,
+             "settings": run.settings, **asdict(position),
              **({"scaler": run.scaler.state_dict()} if run.scaler.is_enabled() else {})}
     return save_adapter(run.model, path, run.config.model_name_or_path, run.task_meta, state if with_state else None)
 
