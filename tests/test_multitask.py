@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora
-from tests.conftest import PROMPT, THINGS, make_adapter
+from lora.registry import ByteLRU
+from tests.conftest import THINGS, make_adapter
 
 TARGETS = {"qa": ["q_proj", "v_proj"], "sum": "all-linear", "tag": ["o_proj", "up_proj"]}
 
@@ -84,18 +85,20 @@ def test_interrupted_switch_leaves_previous_task_exactly(tiny_llama, adapters, m
     mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
     mt.activate("qa")
     on_qa = weights(mt.pretrained_model)
-    real_merge, calls = mt._merge, {"n": 0}
+    real_addmm, calls = torch.addmm, {"n": 0}
 
-    def merge_then_interrupt(out, base, step):
+    def addmm_then_interrupt(*args, **kwargs):  # each merged weight is one addmm
         calls["n"] += 1
-        real_merge(out, base, step)
+        out = real_addmm(*args, **kwargs)
         if calls["n"] == 5:  # half-way through building the weights for "sum"
             raise KeyboardInterrupt
-    monkeypatch.setattr(mt, "_merge", merge_then_interrupt)
+        return out
+    monkeypatch.setattr(torch, "addmm", addmm_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         mt.activate("sum")
     monkeypatch.undo()
     assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
+    assert mt.normalize("sum") not in mt.cache_info().merged  # the half-built weights are not kept
     mt.activate("sum")
     mt.activate("qa")
     assert same(weights(mt.pretrained_model), on_qa)
@@ -150,19 +153,21 @@ def test_threads_get_the_outputs_of_sequential_calls(tiny_llama, adapters):
 
 def test_recent_tasks_keep_merged_weights_within_budget(tiny_llama, adapters, monkeypatch):
     merges = []
+    monkeypatch.setattr(torch, "addmm", lambda *a, real=torch.addmm, **k: merges.append(1) or real(*a, **k))
     one_task = multitask(tiny_llama, adapters)
     one_task.activate("sum")  # all-linear: the largest merged weights of the three
-    budget = sum(t.nbytes for t in one_task._merged[one_task._active_key].values())
-    for merged_cache_bytes, rebuilt in [(3 * budget, 3), (budget, 5)]:
+    budget = one_task.cache_info().merged_bytes
+    kept = [(("tag", 1.0),), (("qa", 1.0),), (("sum", 1.0),)]
+    for merged_cache_bytes, rebuilt, kept in [(3 * budget, 3, kept), (budget, 5, kept[-1:])]:
         mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
-        monkeypatch.setattr(mt, "_merge", lambda out, base, step, real=mt._merge: merges.append(1) or real(out, base, step))
         built = []
         for task in ["qa", "sum", "tag", None, "qa", "sum"]:
             before = len(merges)
             mt.activate(task)
             built.append(len(merges) > before)
+            assert mt.cache_info().merged_bytes <= merged_cache_bytes
         assert sum(built) == rebuilt  # with room for all three, going back to a task rebuilds nothing
-        assert sum(t.nbytes for m in mt._merged.values() for t in m.values()) <= merged_cache_bytes
+        assert mt.cache_info().merged == kept
         mt.activate("sum")
         assert same(weights(mt.pretrained_model), weights(one_task.pretrained_model))
 
@@ -175,10 +180,10 @@ def test_thousand_registered_adapters_load_lazily(tiny_llama, adapters, tmp_path
         mapper[f"task{i}"] = str(folder)
     (tmp_path / "mapper.json").write_text(json.dumps({k: os.path.basename(v) for k, v in mapper.items()}))
     mt = multitask(tiny_llama, tmp_path / "mapper.json")
-    assert len(mt.downstreams) == 1000 and len(mt._cache) == 0  # registering reads no adapter
+    assert len(mt.downstreams) == 1000 and mt.cache_info().device == []  # registering reads no adapter
     for task in ["task1", "task998", "task1", "task998"]:
         mt.activate(task)
-    assert set(mt._cache) == {"task1", "task998"}
+    assert mt.cache_info().device == ["task1", "task998"]
     reference = multitask(tiny_llama, adapters)
     reference.activate("qa")
     mt.activate("task1")
@@ -190,13 +195,27 @@ def test_cache_is_bounded_in_bytes_and_evicts_least_recent(tiny_llama, adapters)
     mt = multitask(tiny_llama, adapters, cache_bytes=one + 1, merged_cache_bytes=0)  # every switch reads
     for task in ["qa", "sum", "tag", "qa"]:
         mt.activate(task)
-    assert sum(a.nbytes for a in mt._cache.values()) <= one + 1 or len(mt._cache) == 1
-    assert list(mt._cache)[-1] == "qa"
+        info = mt.cache_info()  # over budget only by the task that was active while this one was read
+        assert info.device[-1] == task and (info.device_bytes <= one + 1 or len(info.device) == 2)
+    assert mt.cache_info().device_bytes == sum(lora.read_adapter(adapters[t]).nbytes for t in mt.cache_info().device)
     reference = multitask(tiny_llama, adapters)
     for task in adapters:
         mt.activate(task)
         reference.activate(task)
         assert same(weights(mt.pretrained_model), weights(reference.pretrained_model))
+
+
+def test_byte_lru_keeps_a_running_total_and_spares_what_it_must_keep():
+    lru = ByteLRU(10, size=len)
+    for key, value in [("a", "xxx"), ("b", "xxxx"), ("c", "xxx")]:
+        lru.put(key, value)
+    assert lru.nbytes == 10 and lru.evict() == []
+    lru.get("a")  # now the most recently used
+    lru.put("d", "xx")
+    assert lru.evict(keep={"b"}) == [("c", "xxx")] and list(lru) == ["b", "a", "d"] and lru.nbytes == 9
+    assert lru.evict(need=6) == [("b", "xxxx"), ("a", "xxx")] and lru.nbytes == 2
+    lru.put("d", "x")  # replacing a value counts its new size
+    assert lru.nbytes == 1 and lru.pop("d") == "x" and lru.nbytes == 0 and len(lru) == 0
 
 
 def test_mapper_forms_and_runtime_registry(tiny_llama, adapters, tmp_path):
