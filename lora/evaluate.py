@@ -60,23 +60,22 @@ def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, me
     """
     if metric not in METRICS:
         raise LoraError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if isinstance(records, str):
-        records = load_records(records)
-    if not records:
+    rows: list[dict] = load_records(records) if isinstance(records, str) else records
+    if not rows:
         raise LoraError("nothing to evaluate: the test set is empty")
     if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise LoraError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
     score_of = METRICS[metric]
-    max_new_tokens = max_new_tokens or answer_budget(mt.tokenizer, records)
-    requests = [{"downstream": task, "instruction": r["instruction"], "input": r.get("input", ""),
-                 "max_new_tokens": max_new_tokens} for r in records]
+    max_new_tokens = max_new_tokens or answer_budget(mt.tokenizer, rows)
+    requests: list[dict[str, Any]] = [{"downstream": task, "instruction": r["instruction"], "input": r.get("input", ""),
+                                       "max_new_tokens": max_new_tokens} for r in rows]
     if prompt_format is not None:
         for request in requests:
             request["prompt_format"] = prompt_format
     started = time.perf_counter()
     answers = mt.generate_responses(requests, batch_size=batch_size)  # the engine keeps its batch_size slots full
     seconds = time.perf_counter() - started
-    predictions = [{**r, "prediction": a, "score": score_of(a, r["output"])} for r, a in zip(records, answers)]
+    predictions = [{**r, "prediction": a, "score": score_of(a, r["output"])} for r, a in zip(rows, answers)]
     score = sum(p["score"] for p in predictions) / max(len(predictions), 1)
     return {"task": task or "base", "metric": metric, "score": score, "n": len(predictions),
             "seconds": round(seconds, 2), "max_new_tokens": max_new_tokens, "predictions": predictions}

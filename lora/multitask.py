@@ -35,13 +35,10 @@ class MultiTaskModel(Tasks):
         self._engine_lock = threading.Lock()  # one caller drives the engine at a time
         super().__init__(*args, **kwargs)
 
-    def add_downstream(self, name: str, path: Any, root: str | None = None) -> None:
-        super().add_downstream(name, path, root)
-        self._engine = None  # it may keep per-token updates built from the task's previous adapter
-
     def remove_downstream(self, name: str) -> None:
+        """Forget a task (also what add_downstream does to the task a new one of the same name replaces)."""
         super().remove_downstream(name)
-        self._engine = None
+        self._engine = None  # it may keep per-token updates built from the task's adapter
 
     def prompt_ids(self, request: dict) -> list[int]:
         """The prompt token ids of a request dict, rendered as its task was trained (see lora.prompts)."""

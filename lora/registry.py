@@ -6,7 +6,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, NamedTuple, TypeVar, cast
 
 import torch
 
@@ -188,7 +188,7 @@ class Registry:
         if key not in self._compatible:
             check_compatible(adapter, self.model, self.base_weight)
             self._compatible.add(key)
-        head = self.model.get_output_embeddings()
+        head = cast(Callable[[], torch.nn.Module | None], self.model.get_output_embeddings)()
         config_path = os.path.join(adapter.path, "adapter_config.json")
         updates = {}
         for module_name, m in adapter.modules.items():

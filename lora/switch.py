@@ -10,7 +10,7 @@ the cache is full, in those of the least recently used task. A build that is int
 pointed at: the model keeps running on complete weights.
 """
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -59,14 +59,15 @@ class Switch:
         """A module's parameter and base weight, looked up at its first switch (so before it ever changes)."""
         if module_name not in self._targets:
             module = self.model.get_submodule(module_name)
-            self._targets[module_name] = Target(module.weight, weight_is_transposed(module), module.weight.data)
+            weight = cast(torch.nn.Parameter, module.weight)
+            self._targets[module_name] = Target(weight, weight_is_transposed(module), weight.data)
         return self._targets[module_name]
 
     def base_weight(self, module_name: str) -> torch.Tensor:
         """A module's base weight, whichever task is applied."""
         if module_name in self._targets:
             return self._targets[module_name].base
-        return self.model.get_submodule(module_name).weight
+        return cast(torch.Tensor, self.model.get_submodule(module_name).weight)
 
     def plan(self, parts: Sequence[tuple[float, Adapter]]) -> dict[str, LowRank]:
         """What to add to each module's base weight for a weighted sum of adapters."""

@@ -45,17 +45,20 @@ class Tasks:
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  tokenizer: object = None, cache_bytes: int = 512 << 20, host_cache_bytes: int = 2 << 30,
                  merged_cache_bytes: int = 2 << 30, update_dtype: torch.dtype = torch.float32) -> None:
+        hf_model: torch.nn.Module
         if isinstance(model, (str, os.PathLike)):
-            model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto")
+            hf_model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto")
+        elif not isinstance(model, torch.nn.Module):
+            raise LoraError(f"model is a loaded model or a model's name or path, not {type(model).__name__}")
         elif tokenizer is None:
             raise LoraError("pass tokenizer= along with a loaded model")
-        elif device is not None:
-            model.to(device)
-        self.pretrained_model, self.tokenizer = model.eval(), tokenizer
-        first = next(model.parameters())
+        else:
+            hf_model = model if device is None else model.to(device)
+        self.pretrained_model, self.tokenizer = hf_model.eval(), tokenizer
+        first = next(hf_model.parameters())
         self.device, self.dtype, self.update_dtype = first.device, first.dtype, update_dtype
-        self.switch = Switch(model, merged_cache_bytes)
-        self.registry = Registry(model, self.switch.base_weight, self.device, cache_bytes, host_cache_bytes)
+        self.switch = Switch(hf_model, merged_cache_bytes)
+        self.registry = Registry(hf_model, self.switch.base_weight, self.device, cache_bytes, host_cache_bytes)
         self.lock = threading.RLock()  # held by whoever changes or runs the weights: a switch, an engine step
         for name, path in read_mapper(mapper).items():
             self.add_downstream(name, path)

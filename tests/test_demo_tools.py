@@ -59,7 +59,8 @@ class ScriptedModel:
 def test_evaluate_queues_every_record_at_once_with_the_given_prompt_format():
     records = [{"instruction": f"q{i}", "input": "", "output": "yes"} for i in range(5)]
     mt = ScriptedModel({"q0": "yes", "q1": " yes ", "q2": "no", "q3": "yes", "q4": "Yes"})
-    result = evaluate(mt, None, records, "exact_match", batch_size=2, max_new_tokens=3, prompt_format="Q: {instruction}")
+    result = evaluate(mt, None, records, "exact_match", batch_size=2, max_new_tokens=3,
+                      prompt_format="Q: {instruction}")
     assert mt.calls == [(5, 2)]  # the engine runs 2 at a time and refills a slot as soon as an answer ends
     assert result["score"] == pytest.approx(3 / 5)
     assert result["task"] == "base" and result["n"] == 5

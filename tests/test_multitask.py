@@ -119,6 +119,9 @@ def test_exception_inside_apply_downstream_or_generation_restores(tiny_llama, ad
         mt.generate_response("tag", "What colour is the lamp?")
     mt.activate(None)  # the model was left on a complete task ("tag"); going back is exact
     assert same(weights(mt.pretrained_model), base)
+    monkeypatch.undo()
+    assert mt.generate_response("tag", "What colour is the lamp?") == \
+        multitask(tiny_llama, adapters).generate_response("tag", "What colour is the lamp?")
 
 
 def requests(n=12):
@@ -157,8 +160,8 @@ def test_recent_tasks_keep_merged_weights_within_budget(tiny_llama, adapters, mo
     one_task = multitask(tiny_llama, adapters)
     one_task.activate("sum")  # all-linear: the largest merged weights of the three
     budget = one_task.cache_info().merged_bytes
-    kept = [(("tag", 1.0),), (("qa", 1.0),), (("sum", 1.0),)]
-    for merged_cache_bytes, rebuilt, kept in [(3 * budget, 3, kept), (budget, 5, kept[-1:])]:
+    recent = [(("tag", 1.0),), (("qa", 1.0),), (("sum", 1.0),)]
+    for merged_cache_bytes, rebuilt, kept in [(3 * budget, 3, recent), (budget, 5, recent[-1:])]:
         mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
         built = []
         for task in ["qa", "sum", "tag", None, "qa", "sum"]:
@@ -255,3 +258,60 @@ def test_bad_checkpoints_are_rejected_before_any_weight_changes(tiny_llama, othe
         assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
     with pytest.raises(lora.LoraError, match="not found"):
         mt.add_downstream("ghost", tmp_path / "ghost")
+
+
+def with_scale(source, folder, alpha, factor):
+    """A copy of an adapter with lora_alpha set to `alpha` and A and B multiplied by `factor`."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_updates_that_overflow_float32_are_refused_naming_file_and_field(tiny_llama, adapters, tmp_path):
+    # alpha / r = 1e39 is beyond float32, though with A and B of 1e-30 every product the file implies is tiny.
+    huge = with_scale(adapters["qa"], tmp_path / "huge", 4e39, 1e-30)
+    mt = multitask(tiny_llama, {**adapters, "huge": huge})
+    mt.activate("qa")
+    on_qa = weights(mt.pretrained_model)
+    config = str(huge / "adapter_config.json")
+    for use in (mt.adapter, mt.activate, lambda task: mt.mix([task]),
+                lambda task: mt.generate_responses([{"downstream": task, "instruction": "hi"}], mode="mixed")):
+        with pytest.raises(lora.LoraError, match=f"{config}: lora_alpha .* scale of 1e\\+39"):
+            use("huge")
+        assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
+    for blend, message in [({"qa": 1e39, "tag": 1.0}, "weights {qa: 1e\\+39, tag: 1} make the update of .* overflow"),
+                           ({"qa": float("inf")}, "weight of task 'qa' must be a finite number, got inf"),
+                           ({"qa": "much"}, "weight of task 'qa' must be a finite number, got 'much'")]:
+        with pytest.raises(lora.LoraError, match=message):
+            mt.activate(blend)
+        assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
+    assert generate_all(mt)  # the other tasks still answer
+
+
+def test_mixed_updates_are_checked_in_the_dtype_they_are_computed_in(tiny_llama, adapters, tmp_path):
+    big = with_scale(adapters["qa"], tmp_path / "big", 8, 300.0)  # |update| up to ~1e5: float32 only
+    mt = multitask(tiny_llama, {"big": big}, update_dtype=torch.float16)
+    with pytest.raises(lora.LoraError, match="weights {big: 1} make the update of .* overflow float16"):
+        mt.mix(["big"])
+    mt.activate("big")  # merged weights are float32 here: fine
+    assert multitask(tiny_llama, {"big": big}).mix(["big"]).tasks == ("big",)
+
+
+def generate_all(mt):
+    return mt.generate_responses(requests(8), batch_size=4)
+
+
+def test_one_engine_serves_every_call_and_sees_replaced_tasks(tiny_llama, adapters):
+    mt = multitask(tiny_llama, adapters)
+    first = generate_all(mt)
+    assert generate_all(mt) == first and mt.generate_responses(requests(8), batch_size=4, mode="mixed") == first
+    as_tag = [{**r, "downstream": "tag"} for r in requests(8)]
+    tag_answers = mt.generate_responses(as_tag, batch_size=4, mode="mixed")
+    assert tag_answers != first
+    mt.add_downstream("qa", adapters["tag"])  # the same name, another adapter: answers follow the new one
+    replaced = mt.generate_responses(requests(8), batch_size=4, mode="mixed")
+    assert [a for r, a in zip(requests(8), replaced) if r["downstream"] == "qa"] == \
+           [a for r, a in zip(requests(8), tag_answers) if r["downstream"] == "qa"]
