@@ -1,6 +1,9 @@
 """MultiTaskModel: one base model's tasks (lora.tasks) answering request dicts through one long-lived engine."""
+import os
 import threading
 from typing import Any, NamedTuple
+
+import torch
 
 from . import prompts
 from .engine import Engine, SamplingParams
@@ -27,13 +30,18 @@ class MultiTaskModel(Tasks):
 
     Takes Tasks' arguments. `generate_responses` runs every request through one continuous-batching engine
     (lora.engine.Engine) that lives as long as the model; it is replaced only when a call asks for another
-    batch size or mode, or a longer sequence than it holds, when the tasks change, or after an interrupted call.
+    batch size or mode, or a longer sequence than it holds, when a task is removed or replaced, or after an
+    interrupted call.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, model: torch.nn.Module | str | os.PathLike, mapper: str | os.PathLike | dict | None = None,
+                 device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                 tokenizer: object = None, cache_bytes: int = 512 << 20, host_cache_bytes: int = 2 << 30,
+                 merged_cache_bytes: int = 2 << 30, update_dtype: torch.dtype = torch.float32) -> None:
         self._engine: _Engine | None = None
         self._engine_lock = threading.Lock()  # one caller drives the engine at a time
-        super().__init__(*args, **kwargs)
+        super().__init__(model, mapper, device, dtype, tokenizer, cache_bytes, host_cache_bytes, merged_cache_bytes,
+                         update_dtype)
 
     def remove_downstream(self, name: str) -> None:
         """Forget a task (also what add_downstream does to the task a new one of the same name replaces)."""

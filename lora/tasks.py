@@ -105,6 +105,7 @@ class Tasks:
         return dict(meta) if meta is not None else dict(self.adapter(name).task)
 
     def cache_info(self) -> CacheInfo:
+        """What is cached now: adapters on the device and in CPU memory, merged weights, the active task."""
         with self.lock:
             registry, merged = self.registry, self.switch.cache
             return CacheInfo(self.active, list(registry.device_cache), registry.device_cache.nbytes,
