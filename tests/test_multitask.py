@@ -120,8 +120,8 @@ def test_exception_inside_apply_downstream_or_generation_restores(tiny_llama, ad
     mt.activate(None)  # the model was left on a complete task ("tag"); going back is exact
     assert same(weights(mt.pretrained_model), base)
     monkeypatch.undo()
-    assert mt.generate_response("tag", "What colour is the lamp?") == \
-        multitask(tiny_llama, adapters).generate_response("tag", "What colour is the lamp?")
+    question = {"downstream": "tag", "instruction": "What colour is the lamp?", "max_new_tokens": 6}
+    assert mt.generate_responses([question]) == multitask(tiny_llama, adapters).generate_responses([question])
 
 
 def requests(n=12):
