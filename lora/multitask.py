@@ -8,6 +8,7 @@ import torch
 from . import prompts
 from .engine import Engine, SamplingParams
 from .errors import LoraError
+from .models import context_length
 from .tasks import Tasks
 
 REQUEST_KEYS = {"downstream", "instruction", "input", "prompt", "messages", "prompt_format"}
@@ -64,7 +65,7 @@ class MultiTaskModel(Tasks):
         (256), min_new_tokens, temperature (0: greedy), top_p, top_k, seed, stop. `mode` is how tasks
         share a step (see lora.engine.Engine): "auto", "merged" or "mixed".
         """
-        context = getattr(self.pretrained_model.config, "max_position_embeddings", None) or 4096
+        context = context_length(self.pretrained_model.config)
         ids, tasks, sampling = [], [], []
         for request in requests:
             unknown = sorted(set(request) - REQUEST_KEYS - set(GENERATION_KEYS))
