@@ -9,6 +9,7 @@ import torch
 
 import lora
 from lora.errors import LoraError
+from lora.evaluate import evaluate
 from lora.structured import (
     Constraint,
     apply_masks,
@@ -17,6 +18,7 @@ from lora.structured import (
     load_response_schema,
     request_constraint,
 )
+from tests.conftest import make_adapter
 
 EXTRACTION = Path(__file__).resolve().parent.parent / "examples" / "extraction"
 SCHEMA = {"type": "object",
@@ -178,3 +180,44 @@ def test_the_extraction_example_schema_accepts_every_answer_in_its_data():
     for split in ("train", "validation", "test"):
         for record in json.loads((EXTRACTION / f"{split}.json").read_text(encoding="utf-8")):
             validator.validate(json.loads(record["output"]))
+
+
+# ---------------------------------------------------------------- lora eval: json_valid and schema_valid
+
+class ScriptedModel:
+    """Answers each instruction as scripted; its one task has `meta` as lora_task.json."""
+
+    def __init__(self, answers, meta):
+        self.answers, self.meta = answers, meta
+
+    def generate_responses(self, requests, batch_size=16):
+        return [self.answers[r["instruction"]] for r in requests]
+
+    def task_meta(self, name):
+        return self.meta
+
+
+ANSWERS = {"valid": '{"color": "red", "n": 3, "ok": true}', "other json": '{"color": "pink", "n": 3, "ok": true}',
+           "fenced": '```json\n{"color": "red", "n": 3, "ok": true}\n```', "prose": "The colour is red."}
+
+
+def test_lora_eval_scores_json_validity_and_validity_against_the_tasks_schema():
+    records = [{"instruction": k, "input": "", "output": ANSWERS["valid"]} for k in ANSWERS]
+    mt = ScriptedModel(ANSWERS, {"response_schema": SCHEMA})
+    kwargs = dict(max_new_tokens=8, progress=False)
+    assert evaluate(mt, "t", records, "json_valid", **kwargs)["score"] == 2 / 4
+    result = evaluate(mt, "t", records, "schema_valid", **kwargs)
+    assert [p["score"] for p in result["predictions"]] == [1, 0, 0, 0]
+    assert evaluate(mt, None, records, "schema_valid", schema={"type": "object"}, **kwargs)["score"] == 2 / 4
+    with pytest.raises(LoraError, match="the base model has no response_schema in lora_task.json"):
+        evaluate(mt, None, records, "schema_valid", **kwargs)
+    with pytest.raises(LoraError, match="not a valid JSON schema"):
+        evaluate(mt, "t", records, "schema_valid", schema={"type": 5}, **kwargs)
+
+
+def test_a_response_schema_added_to_lora_task_json_reaches_the_task(tiny_llama, tmp_path):
+    make_adapter(tiny_llama, tmp_path / "t", ["q_proj"], seed=0)
+    task_file = tmp_path / "t" / "lora_task.json"
+    task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": SCHEMA}))
+    mt = lora.MultiTaskModel(tiny_llama, {"t": str(tmp_path / "t")})
+    assert request_constraint({}, mt.task_meta("t").get("response_schema")).schema == SCHEMA
