@@ -34,9 +34,8 @@ KINDS = ("json", "regex", "choice", "grammar")
 GRAMMARS_CACHED = 256  # per tokenizer; a grammar is kilobytes
 # vLLM's request fields and the kind each asks for; `structured_outputs` is vLLM's newer field holding them all.
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
-STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
-STRUCTURED_OPTIONS = {"json_object", "disable_fallback", "disable_any_whitespace", "disable_additional_properties",
-                      "whitespace_pattern", "backend"}  # accepted, and about choices this module already makes
+# structured_outputs' options that ask for what this module always does (no whitespace, no fallback backend)
+STRUCTURED_OPTIONS = {"disable_fallback", "disable_any_whitespace"}
 ANY_OBJECT = {"type": "object"}
 
 
@@ -100,11 +99,11 @@ def _structured_outputs(value: Any) -> Constraint | None:
     """vLLM's structured_outputs object: exactly one of json, regex, choice, grammar or json_object: true."""
     if not isinstance(value, dict):
         raise LoraError(f"structured_outputs must be an object, got {type(value).__name__}")
-    unknown = set(value) - set(STRUCTURED_KEYS) - STRUCTURED_OPTIONS
+    unknown = set(value) - {*KINDS, "json_object"} - STRUCTURED_OPTIONS
     if unknown:
         raise LoraError(f"structured_outputs has unsupported keys {sorted(unknown)}; use one of json, regex, "
                         "choice, grammar or json_object")
-    given = [k for k in STRUCTURED_KEYS if value.get(k) is not None]
+    given = [k for k in KINDS if value.get(k) is not None]
     given += ["json_object"] if value.get("json_object") else []
     if len(given) > 1:
         raise LoraError(f"structured_outputs gives {' and '.join(given)}; give one of them")
@@ -112,7 +111,7 @@ def _structured_outputs(value: Any) -> Constraint | None:
         return None
     if given[0] == "json_object":
         return constraint("json", ANY_OBJECT, "structured_outputs.json_object")
-    return constraint(STRUCTURED_KEYS[given[0]], value[given[0]], f"structured_outputs.{given[0]}")
+    return constraint(given[0], value[given[0]], f"structured_outputs.{given[0]}")
 
 
 def request_constraint(body: Mapping[str, Any], default_schema: dict | None = None) -> Constraint | None:
@@ -218,6 +217,11 @@ class Matcher:
         """What was generated so far is a complete answer (ending here, e.g. at max_tokens, is valid)."""
         return self._matcher.is_accepting()
 
+    @property
+    def error(self) -> str:
+        """Why the grammar failed (a parser limit, a token it did not allow); "" while it has not."""
+        return self._matcher.get_error()
+
 
 class Guide:
     """A tokenizer bound to llguidance once, and the grammars compiled for it (cached per constraint)."""
@@ -284,22 +288,29 @@ def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.zeros(rows, -(-vocab_size // 32), dtype=torch.int32)
 
 
-def apply_masks(logits: torch.Tensor, rows: Sequence[Matcher | None]) -> None:
+def apply_masks(logits: torch.Tensor, rows: Sequence[Matcher | None]) -> list[int]:
     """Set to -inf, in place, each token a row's matcher does not allow; rows without one are left untouched.
 
     logits: [len(rows), vocab] float32, one row per sequence sampled this step (any device). Constrained and
     free requests share one batch: only the constrained rows are read or written.
+    Returns the rows whose grammar failed (matcher.error says why; e.g. a parser limit): they are left unmasked,
+    and the engine ends those requests with finish_reason "error" instead of sampling from them.
     """
     picked = [i for i, m in enumerate(rows) if m is not None]
     if not picked:
-        return
-    vocab = logits.shape[-1]
-    bitmask = allocate_bitmask(len(picked), rows[picked[0]].vocab_size)  # type: ignore[union-attr]
-    for row, i in enumerate(picked):
-        rows[i].fill(bitmask, row)  # type: ignore[union-attr]
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab)
+        return []
+    matchers = [m for m in rows if m is not None]
+    bitmask = allocate_bitmask(len(picked), matchers[0].vocab_size)
+    for row, matcher in enumerate(matchers):
+        matcher.fill(bitmask, row)
+    failed = [i for i, m in zip(picked, matchers) if m.error]
+    if failed:
+        keep = [row for row, i in enumerate(picked) if i not in failed]
+        picked, bitmask = [picked[row] for row in keep], bitmask[keep]
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
     if len(picked) == len(rows):
         logits.masked_fill_(~allowed, -torch.inf)
-    else:
+    elif picked:
         index = torch.tensor(picked, device=logits.device)
         logits[index] = logits[index].masked_fill(~allowed, -torch.inf)
+    return failed

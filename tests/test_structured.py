@@ -120,6 +120,20 @@ def test_a_constrained_row_decodes_the_same_alone_and_beside_free_rows_which_it_
     assert torch.equal(masked[1][allowed], logits[1][allowed])
 
 
+def test_a_token_the_grammar_forbids_fails_only_its_own_request(tiny_tokenizer):
+    grammar = compiled(tiny_tokenizer, {"guided_choice": ["red", "blue"]})
+    broken, fine = grammar.matcher(), grammar.matcher()
+    forbidden = int((~broken.allowed_mask(len(tiny_tokenizer))).nonzero()[0])
+    with pytest.raises(LoraError, match=f"token {forbidden} breaks the request's grammar"):
+        broken.advance(forbidden)
+    assert broken.error
+    logits = torch.randn(3, len(tiny_tokenizer))
+    masked = logits.clone()
+    assert apply_masks(masked, [broken, fine, None]) == [0]
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    assert torch.equal(masked[1].isfinite(), fine.allowed_mask(len(tiny_tokenizer)))
+
+
 def test_the_task_default_schema_applies_unless_the_request_asks_otherwise():
     task_schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     assert request_constraint({}, task_schema).schema == task_schema
@@ -152,7 +166,7 @@ def test_a_grammar_is_compiled_once_per_schema_and_tokenizer(tiny_tokenizer):
     ({"response_format": {"type": "xml"}}, "response_format must be"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "gives response_format and guided_regex"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "gives regex and choice"),
-    ({"structured_outputs": {"xml": "a"}}, "unsupported keys ['xml']"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "unsupported keys ['whitespace_pattern']"),
 ])
 def test_a_bad_constraint_is_refused_with_a_message_naming_the_problem(tiny_tokenizer, body, message):
     with pytest.raises(LoraError, match=re.escape(message)):
