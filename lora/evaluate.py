@@ -1,7 +1,12 @@
-"""Scoring a model's answers on a test set: exact match and ROUGE-L, for a task adapter or the base model."""
+"""Scoring a model's answers on a test set (exact match, ROUGE-L, JSON and schema validity), for a task or the base."""
+import functools
+import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
+
+import jsonschema
 
 from .data import load_records
 from .errors import LoraError
@@ -39,7 +44,40 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS = {"exact_match": exact_match, "rouge_l": rouge_l}
+def parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def json_valid(prediction: str, reference: str = "") -> float:
+    """1 if the whole answer is one JSON value (a ```json fence around it does not parse, as a program sees it)."""
+    return float(parses(prediction))
+
+
+@functools.lru_cache(maxsize=16)
+def schema_validator(schema_text: str) -> Any:
+    """A jsonschema validator for a schema given as JSON text (cached: the same schema scores every answer)."""
+    schema = json.loads(schema_text)
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise LoraError(f"the response schema is not a valid JSON schema: {e.message}") from None
+    return cls(schema)
+
+
+def schema_valid(prediction: str, reference: str = "", schema: dict | None = None) -> float:
+    """1 if the answer is JSON that the task's response schema accepts."""
+    if schema is None:
+        raise LoraError("the schema_valid metric needs a JSON schema")
+    return float(parses(prediction) and schema_validator(json.dumps(schema)).is_valid(json.loads(prediction)))
+
+
+METRICS: dict[str, Callable[..., float]] = {"exact_match": exact_match, "rouge_l": rouge_l, "json_valid": json_valid,
+                                            "schema_valid": schema_valid}
 
 
 def answer_budget(tokenizer: Any, records: list[dict], margin: int = 8) -> int:
@@ -47,8 +85,14 @@ def answer_budget(tokenizer: Any, records: list[dict], margin: int = 8) -> int:
     return max(len(tokenizer(r["output"], add_special_tokens=False)["input_ids"]) for r in records) + margin
 
 
+def task_schema(mt: MultiTaskModel, task: str | None) -> dict | None:
+    """The task's response_schema from its lora_task.json; None for the base model or a task without one."""
+    return mt.task_meta(task).get("response_schema") if task else None
+
+
 def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, metric: str = "exact_match",
-             batch_size: int = 16, max_new_tokens: int | None = None, prompt_format: str | None = None) -> dict:
+             batch_size: int = 16, max_new_tokens: int | None = None, prompt_format: str | None = None,
+             schema: dict | None = None) -> dict:
     """Answer every record with `task`'s adapter (None: the base model) and score against its `output`.
 
     records: a list of {"instruction", "input", "output"} or an Alpaca-format file. The base model has no
@@ -56,6 +100,7 @@ def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, me
     max_new_tokens: None for the longest expected output plus a small margin.
     batch_size: sequences the engine runs at once; every record is queued at once and a finished answer's
         place is taken by the next record at the next step.
+    schema: the JSON schema schema_valid checks answers against; None for the task's response_schema.
     Returns {"task", "metric", "score", "n", "seconds", "max_new_tokens", "predictions": [...]}.
     """
     if metric not in METRICS:
@@ -66,6 +111,12 @@ def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, me
     if batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
         raise LoraError(f"batch_size and max_new_tokens must be at least 1, got {batch_size} and {max_new_tokens}")
     score_of = METRICS[metric]
+    if metric == "schema_valid":
+        schema = schema if schema is not None else task_schema(mt, task)
+        if schema is None:
+            raise LoraError(f"the schema_valid metric needs a JSON schema, and {task or 'the base model'} has no "
+                            "response_schema in lora_task.json; train it with --response_schema, or use json_valid")
+        score_of = functools.partial(schema_valid, schema=schema)
     max_new_tokens = max_new_tokens or answer_budget(mt.tokenizer, rows)
     requests: list[dict[str, Any]] = [{"downstream": task, "instruction": r["instruction"], "input": r.get("input", ""),
                                        "max_new_tokens": max_new_tokens} for r in rows]
