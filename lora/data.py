@@ -8,25 +8,25 @@ import torch
 
 from .chat import chat_record, check_chat_template, encode_chat, render_chat  # noqa: F401 (render_chat: serving's)
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, read_text
 
 IGNORE_INDEX = -100  # label value the loss skips: prompt and padding tokens
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 FIELDS = ("instruction", "input")
+MAX_DATA_BYTES = 4 << 30  # the whole file is parsed in memory; past this, split it
 FORMAT_KEYS = {"alpaca": "instruction", "messages": "messages", "sharegpt": "conversations"}  # a record's telling key
 
 
 def read_records(path):
     """(records, where): the objects of a JSON list or JSON Lines file, and where(i) naming record i in errors."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise LoraError(f"cannot read data file {path}: {e.strerror}") from None
+    text = read_text(path, what="data file", max_bytes=MAX_DATA_BYTES)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise LoraError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        except RecursionError:
+            raise LoraError(f"{path} is not valid JSON: nested too deeply") from None
         where = lambda i: f"{path} record {i + 1}"  # noqa: E731
     else:
         records, lines = [], []
@@ -34,8 +34,9 @@ def read_records(path):
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise LoraError(f"{path} line {lineno} is not valid JSON ({e.msg}); the file must be a JSON list "
+                except (json.JSONDecodeError, RecursionError) as e:
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise LoraError(f"{path} line {lineno} is not valid JSON ({reason}); the file must be a JSON list "
                                     "or one JSON object per line") from None
                 lines.append(lineno)
         where = lambda i: f"{path} line {lines[i]}"  # noqa: E731
@@ -75,11 +76,8 @@ def check_prompt_format(prompt_format, source="prompt format"):
 
 
 def load_prompt_format(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return check_prompt_format(f.read(), f"prompt format {path}")
-    except OSError as e:
-        raise LoraError(f"cannot read prompt format file {path}: {e.strerror}") from None
+    text = read_text(path, what="prompt format file", max_bytes=MAX_JSON_BYTES)
+    return check_prompt_format(text, f"prompt format {path}")
 
 
 def format_prompt(prompt_format, instruction, input=""):
@@ -172,12 +170,6 @@ def load_examples(path, tokenizer, max_length, *, data_format="auto", prompt_for
                         "raise --max_seq_length")
     info = {"format": data_format, "truncated": truncated, "dropped": dropped, "task": task}
     return examples, info
-
-
-def load_dataset(path, tokenizer, prompt_format, max_length):
-    """Tokenized Alpaca examples of a data file, and how many were cut or dropped (see load_examples)."""
-    examples, info = load_examples(path, tokenizer, max_length, data_format="alpaca", prompt_format=prompt_format)
-    return examples, info["truncated"] + info["dropped"]
 
 
 def pack(examples, max_length):

@@ -1,30 +1,12 @@
 """Module surgery: find the modules `target_modules` names and wrap them in LoRA layers."""
-import re
-
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, read_text
 from .layers import SUPPORTED, LoraLayer
-
-REGEX_CHARS = set("*+?[]()|^$\\")
-
-
-def _is_regex(pattern):
-    return any(c in REGEX_CHARS for c in pattern)
-
-
-def _matches_pattern(key, name):
-    """PEFT's rank_pattern/alpha_pattern rule: the key matches the whole name or a dotted suffix of it."""
-    return re.fullmatch(rf"(?:.*\.)?(?:{key})", name) is not None
-
-
-def pattern_value(patterns, name, default):
-    for key, value in (patterns or {}).items():
-        if _matches_pattern(key, name):
-            return value
-    return default
+from .patterns import check_pattern, fullmatch, is_regex, pattern_value
+from .peft_format import check_rank
 
 
 def read_target_modules(path):
@@ -55,11 +37,9 @@ def find_targets(model, target_modules):
 
     names, unmatched = [], []
     for target in target_modules:
-        if _is_regex(target):
-            try:
-                hits = [n for n in modules if n and re.fullmatch(target, n)]
-            except re.error as e:
-                raise LoraError(f"target module pattern {target!r} is not a valid regex ({e})") from None
+        if is_regex(target):
+            check_pattern(target, f"target module pattern {target!r}")
+            hits = [n for n in modules if n and fullmatch(target, n)]
         else:
             hits = [n for n in modules if n == target or n.endswith("." + target)]
         if not hits:
@@ -90,15 +70,22 @@ def inject(model, target_modules, r=8, alpha=16, dropout=0.0, rslora=False, rank
 
     Works on a model on the meta device. Returns the wrapped module names.
     """
-    if not isinstance(r, int) or r <= 0:
-        raise LoraError(f"LoRA rank must be a positive integer, got {r!r}; try r=8")
+    check_rank(r, "LoRA rank r")
     names = find_targets(model, target_modules)
-    for name in names:
-        module = model.get_submodule(name)
-        rank = pattern_value(rank_pattern, name, r)
-        set_submodule(model, name, LoraLayer(module, rank, pattern_value(alpha_pattern, name, alpha), dropout, rslora))
-    mark_only_lora_as_trainable(model)
+    wrap(model, {n: pattern_value(rank_pattern, n, r) for n in names},
+         {n: pattern_value(alpha_pattern, n, alpha) for n in names}, dropout, rslora)
     return names
+
+
+def wrap(model: nn.Module, ranks: dict[str, int], alphas: dict[str, float], dropout: float = 0.0,
+         rslora: bool = False) -> None:
+    """Wrap each module named in `ranks` in a LoraLayer of its rank and alpha; only LoRA parameters stay trainable.
+
+    The names come from find_targets, which has checked that each module can take LoRA.
+    """
+    for name, rank in ranks.items():
+        set_submodule(model, name, LoraLayer(model.get_submodule(name), rank, alphas[name], dropout, rslora))
+    mark_only_lora_as_trainable(model)
 
 
 def lora_layers(model):

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from .atomic import atomic_directory
 from .errors import LoraError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -49,8 +50,6 @@ def prepare_smollm2():
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import atomic_directory
 
     gguf = smollm2_gguf()
     print(f"Preparing {DEFAULT_MODEL} from {gguf} (once, about 20 s) into {target}", file=sys.stderr)

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lora
-from lora import checkpoint
+from lora import atomic, checkpoint
 from lora.files import OutsideRootError
 
 IDS = torch.tensor([[5, 9, 2, 7, 11, 3, 8]])
@@ -89,7 +89,7 @@ def test_save_is_atomic_when_interrupted(tiny_llama, tmp_path, monkeypatch):
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("lora.checkpoint.write_json", killed)
+    monkeypatch.setattr(checkpoint, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         lora.save_adapter(model, tmp_path / "ckpt")
     assert os.listdir(tmp_path) == ["ckpt"]  # no half-written folder left behind
@@ -165,14 +165,14 @@ BAD_FIELDS = [
     (CONFIG, lambda c: {**c, "lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
     (CONFIG, lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a finite number, got None"),
     (CONFIG, lambda c: {**c, "lora_alpha": True}, "lora_alpha must be a finite number, got True"),
-    (CONFIG, lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 for .* overflow float32"),
+    (CONFIG, lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 gives .* a scale .* past float32's range"),
     (CONFIG, lambda c: {**c, "r": "8"}, "r must be a positive integer, got '8'"),
     (CONFIG, lambda c: {**c, "r": 0}, "r must be a positive integer, got 0"),
     (CONFIG, lambda c: {**c, "r": 16}, "has rank 8, but .*adapter_config.json gives it r=16"),
     (CONFIG, lambda c: {**c, "alpha_pattern": ["q_proj", 4]}, "alpha_pattern must be an object .* not list"),
     (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj": "4"}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
     (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj\\(' is not a valid regex"),
-    (CONFIG, lambda c: {**c, "rank_pattern": {"v_proj": -2}}, r"rank_pattern\['v_proj'\] must be a positive integer rank"),
+    (CONFIG, lambda c: {**c, "rank_pattern": {"v_proj": -2}}, r"rank_pattern\['v_proj'\] must be a positive integer, got -2"),
     (CONFIG, lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
     (CONFIG, lambda c: {**c, "target_modules": 7}, "target_modules must be a list of module names"),
     (CONFIG, lambda c: {**c, "lora_dropout": 2}, "lora_dropout must be a number from 0 to 1"),
@@ -234,7 +234,7 @@ def kill_during_save(model, path, point, after=True):
     if pid == 0:
         try:
             owner, name = point.rsplit(".", 1)
-            target = {"checkpoint": checkpoint, "os": os}[owner]
+            target = {"atomic": atomic, "os": os}[owner]
             real = getattr(target, name)
 
             def dying(*args, **kwargs):
@@ -252,11 +252,11 @@ def weights_of(path):
     return lora.read_adapter(path).modules["model.layers.0.self_attn.q_proj"].B
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or checkpoint._renameat2 is None, reason="needs fork and renameat2")
-@pytest.mark.parametrize("point, after, holds", [("checkpoint.exchange", False, "old"),
-                                                 ("checkpoint.exchange", True, "new"),
-                                                 ("checkpoint._remove", False, "new"),
-                                                 ("checkpoint._fsync_dir", True, "old")])
+@pytest.mark.skipif(not hasattr(os, "fork") or not atomic.HAS_EXCHANGE, reason="needs fork and renameat2")
+@pytest.mark.parametrize("point, after, holds", [("atomic.exchange", False, "old"),
+                                                 ("atomic.exchange", True, "new"),
+                                                 ("atomic.remove_path", False, "new"),
+                                                 ("atomic.fsync_dir", True, "old")])
 def test_killed_overwrite_leaves_one_complete_checkpoint_under_the_name(tiny_llama, tmp_path, point, after, holds):
     model = lora.load_model(tiny_llama)[0]
     lora.inject(model, ["q_proj"])
@@ -280,7 +280,7 @@ def test_without_exchange_a_run_killed_between_renames_gets_its_checkpoint_back(
 
     def no_exchange(a, b):
         raise OSError(errno.EINVAL, "not supported by this filesystem")
-    monkeypatch.setattr(checkpoint, "exchange", no_exchange)
+    monkeypatch.setattr(atomic, "exchange", no_exchange)
     lora.save_adapter(model, path)  # the fallback overwrites correctly...
     assert not torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["step-120"]
     kill_during_save(model, path, "os.rename", after=True)  # ...and a kill between its two renames
@@ -312,13 +312,17 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_llama
     assert torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["ckpt"]
 
 
-def test_leftovers_of_older_versions_are_cleaned_and_the_checkpoint_put_back(good_checkpoint, tiny_llama, tmp_path):
-    """The layout issue 10 reproduced: old copy in .step-120.old-*/step-120, new one in .step-120.tmp-*, no name."""
-    shutil.copytree(good_checkpoint, tmp_path / ".step-120.old-k2j4x_9a" / "step-120")
-    shutil.copytree(good_checkpoint, tmp_path / ".step-120.tmp-0qz81mfe")
-    (tmp_path / ".notes.tmp-dir").mkdir()  # not ours: kept
+def test_only_leftovers_of_dead_saves_are_removed(good_checkpoint, tiny_llama, tmp_path):
+    """A hidden copy is removed only if its name carries the PID of a process that is gone; the rest is kept."""
+    dead = 2 ** 22 + 1  # above Linux's largest PID: no such process
+    shutil.copytree(good_checkpoint, tmp_path / f".step-110.tmp-{dead}-0qz81mfe")
+    shutil.copytree(good_checkpoint, tmp_path / f".step-120.old-{dead}-k2j4x_9a")  # the fallback's moved-aside copy
+    shutil.copytree(good_checkpoint, tmp_path / f".step-125.tmp-{os.getpid()}-abcd1234")  # a save still running
+    for kept in (".notes.tmp-dir", ".step-100.tmp-0qz81mfe", ".step-100.old-k2j4x_9a"):  # not ours
+        (tmp_path / kept).mkdir()
     saved(tiny_llama, tmp_path, "step-130")
-    assert sorted(os.listdir(tmp_path)) == [".notes.tmp-dir", "step-120", "step-130"]
+    assert sorted(os.listdir(tmp_path)) == [".notes.tmp-dir", ".step-100.old-k2j4x_9a", ".step-100.tmp-0qz81mfe",
+                                            f".step-125.tmp-{os.getpid()}-abcd1234", "step-120", "step-130"]
     assert torch.equal(weights_of(tmp_path / "step-120"), weights_of(good_checkpoint))
 
 

@@ -88,7 +88,7 @@ def write(path, text):
 
 
 BAD_INPUTS = {
-    "missing train file": (lambda t: {"--train_data_path": t / "nope.json"}, "cannot read data file"),
+    "missing train file": (lambda t: {"--train_data_path": t / "nope.json"}, "data file .*nope.json does not exist"),
     "malformed JSON": (lambda t: {"--train_data_path": write(t / "bad.json", '[{"instruction": "a", "output": "b"},\n{oops}]')},
                        "not valid JSON: .* line 2"),
     "malformed JSONL": (lambda t: {"--train_data_path": write(t / "bad.jsonl", '{"instruction": "a", "output": "b"}\nnot json\n')},
