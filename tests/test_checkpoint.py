@@ -1,8 +1,11 @@
 """The PEFT on-disk format both ways, atomic writes, and checkpoints that must be refused."""
 import errno
 import json
+import math
 import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -336,3 +339,130 @@ def test_training_state_is_read_safely(good_checkpoint, tmp_path):
     os.mkfifo(path / "training_state.pt")
     with pytest.raises(lora.LoraError, match="training_state.pt is a named pipe"):
         checkpoint.load_training_state(path)
+
+
+# ---------------------------------------------------------------- hardening: scales, regexes, overwrites, resume state
+
+def test_scale_past_float32_is_refused_naming_file_and_field(good_checkpoint, tmp_path):
+    """alpha / r = 1e39 with tiny A and B passes the update bound but is Inf in float32: refused at load."""
+    path = shutil.copytree(good_checkpoint, tmp_path / "huge")
+    weights = path / "adapter_model.safetensors"
+    save_file({k: v * 1e-30 for k, v in load_file(weights).items()}, weights)
+    config = json.loads((path / CONFIG).read_text())
+    for edit, field in (({"lora_alpha": 8e39}, "lora_alpha"), ({"alpha_pattern": {"q_proj": 8e39}}, r"alpha_pattern\['q_proj'\]"),
+                        ({"lora_alpha": 3e39, "use_rslora": True}, "lora_alpha")):
+        (path / CONFIG).write_text(json.dumps({**config, **edit}))
+        with pytest.raises(lora.LoraError, match=f"{path}/{CONFIG}: {field} .* past float32's range"):
+            lora.read_adapter(path)
+    # A scale float32 holds whose update still overflows is refused too.
+    save_file({k: v * 1e1 for k, v in load_file(os.path.join(good_checkpoint, "adapter_model.safetensors")).items()}, weights)
+    (path / CONFIG).write_text(json.dumps({**config, "lora_alpha": 8e37}))
+    with pytest.raises(lora.LoraError, match="makes the update overflow float32"):
+        lora.read_adapter(path)
+
+
+def finishes_within(seconds, fn):
+    """fn() in a forked child; True if it returned within `seconds` (a regex stuck in C cannot be interrupted)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    for _ in range(int(seconds * 20)):
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_catastrophic_patterns_are_matched_in_bounded_time(good_checkpoint, tiny_llama, tmp_path):
+    path = edited_copy(good_checkpoint, tmp_path, CONFIG, lambda c: {**c, "alpha_pattern": {"(.*.*)*Z": 4}})
+    assert finishes_within(1, lambda: lora.read_adapter(path))  # Python's re takes hours on these names
+    model = lora.load_model(tiny_llama)[0]
+
+    def inject_evil():
+        with pytest.raises(lora.LoraError, match="match nothing"):
+            lora.inject(model, ["(.*.*)*Z"])
+    assert finishes_within(1, inject_evil)
+
+
+def test_peft_style_regexes_work_and_unboundable_ones_are_refused(good_checkpoint, tiny_llama, tmp_path):
+    model = lora.load_model(tiny_llama)[0]
+    names = lora.inject(model, [r"model\.layers\.\d+\.self_attn\.(q|v)_proj", r".*\.o_proj"], r=2)
+    assert sorted(n.rsplit(".", 1)[-1] for n in names) == ["o_proj", "o_proj", "q_proj", "q_proj", "v_proj", "v_proj"]
+    path = edited_copy(good_checkpoint, tmp_path, CONFIG, lambda c: {**c, "alpha_pattern": {r"(?=q)q_proj": 4}})
+    with pytest.raises(lora.LoraError, match=r"alpha_pattern key '\(\?=q\)q_proj' uses a regex feature that cannot be "
+                                             "matched in linear time"):
+        lora.read_adapter(path)
+    with pytest.raises(lora.LoraError, match=r"target module pattern '\(q\)\\\\1' uses a regex feature"):
+        lora.inject(lora.load_model(tiny_llama)[0], [r"(q)\1"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"lora_alpha": 10 ** 400}, "lora_alpha must be a finite number, got 1000"),
+    ({"alpha_pattern": {"q_proj": -10 ** 400}}, r"alpha_pattern\['q_proj'\] must be a finite number, got -1000"),
+    ({"lora_dropout": 10 ** 400}, "lora_dropout must be a number from 0 to 1, got 1000"),
+    ({"r": 10 ** 400}, "r must be a positive integer, got 1000.* never above"),
+])
+def test_400_digit_numbers_are_refused_naming_the_field(good_checkpoint, tmp_path, edit, message):
+    path = edited_copy(good_checkpoint, tmp_path, CONFIG, lambda c: {**c, **edit})
+    with pytest.raises(lora.LoraError, match=message) as error:
+        lora.read_adapter(path)
+    assert f"{path}/{CONFIG}" in str(error.value) and len(str(error.value)) < 300
+
+
+def test_saving_replaces_only_a_checkpoint(tiny_llama, tmp_path):
+    model = lora.load_model(tiny_llama)[0]
+    lora.inject(model, ["q_proj"])
+    project = tmp_path / "my_project"
+    (project / "data").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    (project / "adapter_config.json").write_text("{}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine too")
+    (tmp_path / "link").symlink_to(project)
+    for path in (project, notes, tmp_path / "link"):
+        with pytest.raises(lora.LoraError, match=f"{path} (exists and )?is (not|a file|a symbolic link).* nothing was written"):
+            lora.save_adapter(model, path)
+    assert sorted(os.listdir(project)) == ["adapter_config.json", "data", "notes.txt"]
+    assert notes.read_text() == "mine too" and (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["link", "my_project", "notes.txt"]
+    # A checkpoint (ours, or PEFT's with its README.md), or an empty folder, is replaced.
+    (tmp_path / "empty").mkdir()
+    lora.save_adapter(model, tmp_path / "empty")
+    peft = lora.save_adapter(model, tmp_path / "peft")
+    (tmp_path / "peft" / "README.md").write_text("model card")
+    lora.save_adapter(model, peft, training_state=STATE)
+    assert sorted(os.listdir(peft)) == ["adapter_config.json", "adapter_model.safetensors", "lora_task.json",
+                                        "training_state.pt"]
+
+
+STATE = {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]}, "scheduler": {"last_epoch": 3},
+         "step": 3, "epoch": 0, "examples_done": 12, "best_val": math.inf, "bad_evals": 0, "settings": {"seed": 1}}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"step": None}, "training_state.pt has no step"),
+    ({"examples_done": None}, "training_state.pt has no examples_done"),
+    ({"examples_done": -1}, "training_state.pt: examples_done must be a whole number .*, got -1"),
+    ({"step": -5}, "training_state.pt: step must be a whole number .*, got -5"),
+    ({"epoch": "0"}, "training_state.pt: epoch must be a whole number .*, got '0'"),
+    ({"step": True}, "training_state.pt: step must be a whole number .*, got True"),
+    ({"optimizer": {"state": {}}}, "training_state.pt: optimizer must be an optimizer state_dict"),
+    ({"scheduler": [1]}, "training_state.pt: scheduler must be a scheduler state_dict"),
+    ({"best_val": math.nan}, "training_state.pt: best_val must be a number, got nan"),
+    ({"settings": "seed=1"}, "training_state.pt: settings must be an object"),
+])
+def test_tampered_training_state_is_one_line_naming_file_and_field(good_checkpoint, tmp_path, edit, message):
+    path = shutil.copytree(good_checkpoint, tmp_path / "ckpt")
+    state = {k: v for k, v in {**STATE, **edit}.items() if v is not None}
+    torch.save(state, path / "training_state.pt")
+    with pytest.raises(lora.LoraError, match=message) as error:
+        checkpoint.load_training_state(path)
+    assert "\n" not in str(error.value)
+    torch.save(STATE, path / "training_state.pt")
+    assert checkpoint.load_training_state(path) == STATE
