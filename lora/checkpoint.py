@@ -28,8 +28,18 @@ from .files import MAX_JSON_BYTES, MissingFileError, read_bytes, read_text
 from .fingerprint import WeightOf, check_fingerprint, fingerprint, fingerprint_mismatch
 from .inject import find_targets, lora_layers, wrap
 from .layers import LoraLayer, in_out_features
-from .peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FLOAT32_MAX, adapter_config, check_config, is_count,
-                          module_settings, parse_peft_key, peft_key, shown)
+from .peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FLOAT32_MAX,
+    adapter_config,
+    check_config,
+    is_count,
+    module_settings,
+    parse_peft_key,
+    peft_key,
+    shown,
+)
 
 TASK_FILE = "lora_task.json"
 TRAINING_STATE = "training_state.pt"
@@ -169,7 +179,8 @@ def check_task(task: object, file: str) -> dict[str, Any]:
     if task.get("prompt_format") is not None:
         check_prompt_format(task["prompt_format"], f"{file}: prompt_format")
     if task.get("data_format") not in (None, *DATA_FORMATS):
-        raise LoraError(f"{file}: data_format must be one of {', '.join(DATA_FORMATS)}, got {shown(task['data_format'])}")
+        raise LoraError(f"{file}: data_format must be one of {', '.join(DATA_FORMATS)}, "
+                        f"got {shown(task['data_format'])}")
     if task.get("base_fingerprint") is not None:
         check_fingerprint(task["base_fingerprint"], file)
     return task
@@ -196,7 +207,8 @@ def _module_adapters(tensors: dict[str, torch.Tensor], config: dict[str, Any], w
             raise LoraError(f"{weights_path} has only half of the adapter for {name} (A and B are both needed)")
         A, B = p["A"], p["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or 0 in A.shape or 0 in B.shape:
-            raise LoraError(f"{weights_path}: adapter for {name} has inconsistent shapes A{list(A.shape)} B{list(B.shape)}")
+            raise LoraError(f"{weights_path}: adapter for {name} has inconsistent shapes "
+                            f"A{list(A.shape)} B{list(B.shape)}")
         settings = module_settings(config, name, config_path)
         if A.shape[0] != settings.r:
             raise LoraError(f"{weights_path}: adapter for {name} has rank {A.shape[0]}, but {config_path} gives it "

@@ -72,6 +72,7 @@ def check_fingerprint(fp: object, file: str) -> None:
         raise LoraError(f"{file}: base_fingerprint.shapes must map module names to weight shapes; re-save the adapter")
     if not (isinstance(stats, dict) and all(k in shapes and isinstance(v, list) and len(v) == 2 and
                                             all(map(is_number, v)) for k, v in stats.items())):
-        raise LoraError(f"{file}: base_fingerprint.stats must map module names to two finite numbers; re-save the adapter")
+        raise LoraError(f"{file}: base_fingerprint.stats must map module names to two finite numbers; "
+                        "re-save the adapter")
     if fp.get("sha256") is not None and not isinstance(fp["sha256"], str):
         raise LoraError(f"{file}: base_fingerprint.sha256 must be a string or null, got {fp['sha256']!r}")

@@ -74,7 +74,8 @@ def check_number(value: object, what: str) -> float:
 # ---------------------------------------------------------------- tensor key names
 
 def peft_key(module_name: str, part: str, embedding: bool) -> str:
-    return f"{PEFT_PREFIX}{module_name}.lora_embedding_{part}" if embedding else f"{PEFT_PREFIX}{module_name}.lora_{part}.weight"
+    suffix = f"lora_embedding_{part}" if embedding else f"lora_{part}.weight"
+    return f"{PEFT_PREFIX}{module_name}.{suffix}"
 
 
 class PeftKey(NamedTuple):
@@ -156,9 +157,11 @@ def check_config(config: object, file: str) -> dict[str, Any]:
     targets = config.get("target_modules")
     if not (targets is None or isinstance(targets, str) or
             (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise LoraError(f"{file}: target_modules must be a list of module names or a regex string, got {shown(targets)}")
-    if config.get("base_model_name_or_path") is not None and not isinstance(config["base_model_name_or_path"], str):
-        raise LoraError(f"{file}: base_model_name_or_path must be a string, got {shown(config['base_model_name_or_path'])}")
+        raise LoraError(f"{file}: target_modules must be a list of module names or a regex string, "
+                        f"got {shown(targets)}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise LoraError(f"{file}: base_model_name_or_path must be a string, got {shown(base)}")
     bias = config.get("bias", "none")
     if bias not in BIAS_VALUES:
         raise LoraError(f"{file}: bias must be one of {', '.join(BIAS_VALUES)}, got {shown(bias)}")
