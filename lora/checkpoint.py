@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors  # bytes in, tensors out:
 from safetensors.torch import save_file
 
 from .atomic import atomic_directory
-from .data import check_prompt_format
+from .data import FORMAT_KEYS, check_prompt_format
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, MissingFileError, read_bytes, read_text
 from .fingerprint import WeightOf, check_fingerprint, fingerprint, fingerprint_mismatch
@@ -49,7 +49,7 @@ CHECKPOINT_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_FILE, TRAINING_STATE, 
 MAX_WEIGHTS_BYTES = 4 << 30  # a rank-64 adapter on every linear layer of a 70B model in float32 is ~3.5 GB
 MAX_STATE_BYTES = 3 * MAX_WEIGHTS_BYTES  # weights plus AdamW's two moments
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DATA_FORMATS = ("alpaca", "messages", "sharegpt")
+DATA_FORMATS = tuple(FORMAT_KEYS)
 TASK_FIELDS = {"prompt_format": (str, "a string"), "base_model_name_or_path": (str, "a string"),
                "system_prompt": (str, "a string"), "chat_template": (bool, "true or false"),
                "training_args": (dict, "an object"), "base_fingerprint": (dict, "an object")}

@@ -6,7 +6,7 @@ and adapter_config.json (PEFT's LoraConfig fields). Every check of a rank, an al
 import math
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeGuard
 
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
@@ -35,7 +35,7 @@ def shown(value: object) -> str:
     return text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     """A finite JSON number within float's range; true and false are not numbers here, though Python counts them
     as ints."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -46,17 +46,16 @@ def is_number(value: object) -> bool:
         return False
 
 
-def is_count(value: object) -> bool:
+def is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def check_rank(r: object, what: str = "r") -> int:
     """The one check of a LoRA rank: a positive integer (not true/false, not 8.0, at most MAX_RANK)."""
-    if not is_count(r) or r > MAX_RANK:  # type: ignore[operator]  # is_count made r an int
-        raise LoraError(f"{what} must be a positive integer, got {shown(r)}; LoRA ranks are usually 4 to 64"
-                        + (f" and never above {MAX_RANK:,}" if is_count(r) else ""))
-    assert isinstance(r, int)
-    return r
+    if is_count(r) and r <= MAX_RANK:
+        return r
+    raise LoraError(f"{what} must be a positive integer, got {shown(r)}; LoRA ranks are usually 4 to 64"
+                    + (f" and never above {MAX_RANK:,}" if is_count(r) else ""))
 
 
 def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
@@ -65,10 +64,9 @@ def lora_scaling(r: int, alpha: float, rslora: bool = False) -> float:
 
 
 def check_number(value: object, what: str) -> float:
-    if not is_number(value):
-        raise LoraError(f"{what} must be a finite number, got {shown(value)}")
-    assert isinstance(value, (int, float))
-    return value
+    if is_number(value):
+        return value
+    raise LoraError(f"{what} must be a finite number, got {shown(value)}")
 
 
 # ---------------------------------------------------------------- tensor key names

@@ -178,6 +178,8 @@ BAD_FIELDS = [
     (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj\\(' is not a valid regex"),
     (CONFIG, lambda c: {**c, "rank_pattern": {"v_proj": -2}},
      r"rank_pattern\['v_proj'\] must be a positive integer, got -2"),
+    (CONFIG, lambda c: {**c, "alpha_pattern": {f"layers\\.{i}\\.q_proj": 4 for i in range(5000)}},
+     "alpha_pattern has 5,000 keys, more than the 4,096 allowed"),
     (CONFIG, lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
     (CONFIG, lambda c: {**c, "target_modules": 7}, "target_modules must be a list of module names"),
     (CONFIG, lambda c: {**c, "lora_dropout": 2}, "lora_dropout must be a number from 0 to 1"),
