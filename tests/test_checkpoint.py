@@ -139,14 +139,18 @@ def test_refuses_nan_truncated_pickled_and_foreign_checkpoints(tiny_llama, other
         lora.load_adapter(lora.load_model(tiny_gpt2)[0], good)
 
 
-def test_fingerprint_matches_across_dtypes(tiny_llama, tmp_path):
+def test_fingerprint_matches_across_dtypes(tiny_llama, other_llama, tmp_path):
+    """The same base loaded in bfloat16 or float16 is accepted; another base of the same shapes is not, in any dtype."""
     path = saved(tiny_llama, tmp_path)
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = lora.load_model(tiny_llama, dtype=dtype)[0]
-        lora.load_adapter(model, path)  # same base in another dtype: accepted
+        adapter = lora.load_adapter(model, path)
+        assert set(lora.lora_layers(model)) == set(adapter.modules)
+        with pytest.raises(lora.LoraError, match="the weights of .* differ from those the adapter was trained on"):
+            lora.load_adapter(lora.load_model(other_llama, dtype=dtype)[0], path)
 
 
-# ---------------------------------------------------------------- every field of a checkpoint is checked (issue 10.7)
+# ---------------------------------------------------------------- every field of a checkpoint is checked
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tiny_llama, tmp_path_factory):
@@ -234,7 +238,7 @@ def test_every_file_is_read_inside_the_root(good_checkpoint, tmp_path):
         lora.read_adapter(root / "b", root=root)
 
 
-# ---------------------------------------------------------------- overwrites and full disks (issue 10.9, 10.10)
+# ---------------------------------------------------------------- overwrites and full disks
 
 def kill_during_save(model, path, point, after=True):
     """save_adapter in a forked child that dies like kill -9 (no cleanup runs) just before/after `point` runs."""
