@@ -7,7 +7,7 @@ RE2 lacks backreferences and lookaround; a pattern that needs them is refused wi
 import functools
 import re
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import re2
 
@@ -26,15 +26,24 @@ def is_regex(pattern: str) -> bool:
     return any(c in REGEX_CHARS for c in pattern)
 
 
-@functools.lru_cache(maxsize=MAX_PATTERNS)
-def _compiled(pattern: str) -> "re2._Regexp":
+@functools.lru_cache(maxsize=2 * MAX_PATTERNS)  # every key of a config's rank_pattern and alpha_pattern stays compiled
+def _compiled(pattern: str) -> Any:
     return re2.compile(pattern, _OPTIONS)
+
+
+def _regex(pattern: str, what: str) -> Any:
+    """`pattern` compiled; a LoraError naming `what` if RE2 refuses it."""
+    try:
+        return _compiled(pattern)
+    except re2.error:
+        check_pattern(pattern, what)
+        raise
 
 
 def check_pattern(pattern: str, what: str) -> None:
     """Raise a LoraError starting with `what` unless RE2 can match `pattern`."""
     try:
-        _compiled(pattern)
+        re2.compile(pattern, _OPTIONS)
     except re2.error as e:
         reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
         try:
@@ -47,14 +56,18 @@ def check_pattern(pattern: str, what: str) -> None:
 
 def fullmatch(pattern: str, name: str, what: str = "pattern") -> bool:
     """Whether `pattern` matches all of `name`; a LoraError naming `what` if the pattern is refused."""
-    check_pattern(pattern, f"{what} {pattern!r}")
-    return _compiled(pattern).fullmatch(name) is not None
+    return _regex(pattern, f"{what} {pattern!r}").fullmatch(name) is not None
 
 
 def matches_key(key: str, name: str) -> bool:
     """PEFT's rank_pattern/alpha_pattern rule: the key matches the whole name or a dotted suffix of it."""
-    check_pattern(key, f"pattern key {key!r}")
-    return _compiled(rf"(?:.*\.)?(?:{key})").fullmatch(name) is not None
+    try:
+        regex = _compiled(rf"(?:.*\.)?(?:{key})")
+    except re2.error:
+        check_pattern(key, f"pattern key {key!r}")  # names the key as written
+        raise LoraError(f"pattern key {key!r} cannot be wrapped as (?:.*\\.)?(?:key); close every group "
+                        "and quote in it") from None
+    return regex.fullmatch(name) is not None
 
 
 def pattern_key(patterns: Mapping[str, object] | None, name: str) -> str | None:
