@@ -12,11 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from .peft_format import check_rank, lora_scaling
+
 SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
-
-
-def lora_scaling(r, alpha, rslora=False):
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def in_out_features(module):
@@ -52,8 +50,7 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer, r=8, alpha=16, dropout=0.0, rslora=False):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        check_rank(r, "LoRA rank r")
         in_features, out_features = in_out_features(base_layer)
         self.base_layer = base_layer
         self.r, self.lora_alpha, self.use_rslora = r, alpha, rslora

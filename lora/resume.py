@@ -78,7 +78,7 @@ def restore(state: dict, config: TrainConfig, settings: dict, optimizer: torch.o
     """Load `state` (the checkpoint's training state) into the optimizer, scheduler and loss scaler, and return
     the position to continue from. Settings that change the run need --allow_changed_settings."""
     where = os.path.join(config.load_from_checkpoint, TRAINING_STATE)
-    changed = changed_settings(_field(state, "settings", dict, where), settings)
+    changed = changed_settings(state["settings"], settings)  # every field's type: checkpoint.load_training_state
     if changed and not config.allow_changed_settings:
         raise LoraError(f"{config.load_from_checkpoint} belongs to another run: {'; '.join(changed)}. Resume with "
                         "the same flags, or pass --allow_changed_settings to continue anyway")
@@ -87,36 +87,12 @@ def restore(state: dict, config: TrainConfig, settings: dict, optimizer: torch.o
     loaders: list[tuple[str, Any]] = [("optimizer", optimizer), ("scheduler", scheduler)]
     for name, target in loaders + ([("scaler", scaler)] if "scaler" in state else []):
         try:
-            target.load_state_dict(_field(state, name, dict, where))
+            target.load_state_dict(state[name])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise LoraError(f"{where}: field {name!r} does not fit this run ({type(e).__name__}: {e}); resume from "
                             "another checkpoint") from None
-    position = Position(step=_count(state, "step", where), epoch=_count(state, "epoch", where),
-                        examples_done=_count(state, "examples_done", where),
-                        bad_evals=_count(state, "bad_evals", where),
-                        best_val=float(_field(state, "best_val", (float, int), where)))
-    if math.isnan(position.best_val):
-        raise LoraError(f"{where}: field 'best_val' is NaN, which no lora finetune writes; resume from another "
-                        "checkpoint")
+    position = Position(step=state["step"], epoch=state["epoch"], examples_done=state["examples_done"],
+                        bad_evals=state["bad_evals"], best_val=float(state["best_val"]))
     if position.examples_done >= train_size:  # fewer examples now (--allow_changed_settings): that epoch is over
         position.epoch, position.examples_done = position.epoch + 1, 0
     return position
-
-
-def _field(state: dict, name: str, kind: type | tuple[type, ...], where: str) -> Any:  # noqa: ANN401
-    value = state.get(name)
-    if value is None:
-        raise LoraError(f"{where} has no field {name!r}; it is damaged or was not written by lora finetune: "
-                        "resume from another checkpoint")
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise LoraError(f"{where}: field {name!r} is a {type(value).__name__}, which no lora finetune writes; "
-                        "resume from another checkpoint")
-    return value
-
-
-def _count(state: dict, name: str, where: str) -> int:
-    value = _field(state, name, int, where)
-    if value < 0:
-        raise LoraError(f"{where}: field {name!r} is {value}, but a count is 0 or more; the file is damaged: resume "
-                        "from another checkpoint")
-    return value
