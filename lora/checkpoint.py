@@ -40,6 +40,7 @@ from .peft_format import (
     peft_key,
     shown,
 )
+from .structured import check_response_schema
 
 TASK_FILE = "lora_task.json"
 TRAINING_STATE = "training_state.pt"
@@ -52,7 +53,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DATA_FORMATS = tuple(FORMAT_KEYS)
 TASK_FIELDS = {"prompt_format": (str, "a string"), "base_model_name_or_path": (str, "a string"),
                "system_prompt": (str, "a string"), "chat_template": (bool, "true or false"),
-               "training_args": (dict, "an object"), "base_fingerprint": (dict, "an object")}
+               "training_args": (dict, "an object"), "base_fingerprint": (dict, "an object"),
+               "response_schema": (dict, "a JSON schema object")}
 # How a full disk shows: OSError ENOSPC from Python, "os error 28" from safetensors, and from torch.save only
 # "[enforce fail at inline_container.cc:...] unexpected pos" or "... file write failed".
 DISK_FULL = ("No space left on device", "os error 28", "inline_container", "file write failed")
@@ -183,6 +185,8 @@ def check_task(task: object, file: str) -> dict[str, Any]:
                         f"got {shown(task['data_format'])}")
     if task.get("base_fingerprint") is not None:
         check_fingerprint(task["base_fingerprint"], file)
+    if task.get("response_schema") is not None:
+        check_response_schema(task["response_schema"], f"{file}: response_schema")
     return task
 
 

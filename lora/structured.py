@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import llguidance.torch
 import torch
 
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, read_text
 
 # Compact JSON as json.dumps writes it (", " and ": ", no other whitespace): a model cannot pad an answer with
 # whitespace until max_tokens, and one-line answers are what the example tasks train on. A schema's own
@@ -167,12 +167,10 @@ def check_response_schema(schema: Any, where: str) -> dict:
 
 def load_response_schema(path: str) -> dict:
     """`lora finetune --response_schema FILE`: the JSON schema in FILE, checked, to store in lora_task.json."""
-    if not os.path.isfile(path):
-        raise LoraError(f"--response_schema {path}: no such file; give a JSON file holding one JSON schema object")
+    text = read_text(path, what="--response_schema file", max_bytes=MAX_JSON_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            schema = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        schema = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
         raise LoraError(f"--response_schema {path} is not valid JSON: {e}") from None
     return check_response_schema(schema, f"--response_schema {path}")
 

@@ -31,6 +31,7 @@ from .metrics import append_metrics, restart_metrics
 from .models import context_length, load_model, resolve_device
 from .plots import plot_losses
 from .resume import Position, check_resume_applies, restore, run_settings
+from .structured import load_response_schema
 from .train_args import config_from_args
 from .train_config import TrainConfig
 
@@ -130,6 +131,7 @@ def setup(config: TrainConfig) -> Run:
     device = distributed.init(resolve_device(config.device))
     torch.manual_seed(config.seed)  # the same LoRA initialisation in every process
     targets = read_target_modules(config.target_modules_path)
+    schema = load_response_schema(config.response_schema) if config.response_schema else None
     if rank > 0:
         distributed.barrier()  # process 0 prepares the default model once; the others then read it
     model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype, device=device)
@@ -138,7 +140,7 @@ def setup(config: TrainConfig) -> Run:
     config = cap_max_seq_length(config, model)
     pad_id = pad_token_id(tokenizer)
     train_set, info = load_data(config, tokenizer, config.train_data_path, config.data_format)
-    task_meta = info["task"]
+    task_meta = info["task"] if schema is None else {**info["task"], "response_schema": schema}
     val_set = load_data(config, tokenizer, config.validation_data_path, info["format"])[0] \
         if config.evaluate and config.validation_data_path else []
     if config.packing:

@@ -34,6 +34,9 @@ class TrainConfig:
     train_data_path: str = flag(
         help="JSON list or JSONL of Alpaca records, OpenAI-style messages or ShareGPT conversations")
     data_format: str = flag("auto", "the records' format (auto: from the first record)", ("auto", *FORMAT_KEYS))
+    response_schema: str | None = flag(
+        None, "JSON schema file every answer of this task must match; stored in lora_task.json, applied to every "
+              "request to the task unless the request asks otherwise")
     train_on_inputs: bool = flag(
         False, "loss on prompts too, not only on answers (each assistant turn and its end-of-turn token)")
     packing: bool = flag(False, "pack examples into rows of --max_seq_length; attention does not cross examples")

@@ -18,7 +18,8 @@ from lora.structured import (
     load_response_schema,
     request_constraint,
 )
-from tests.conftest import make_adapter
+from lora.cli import main
+from tests.conftest import finetune_argv, make_adapter, write_task
 
 EXTRACTION = Path(__file__).resolve().parent.parent / "examples" / "extraction"
 SCHEMA = {"type": "object",
@@ -183,7 +184,7 @@ def test_a_task_response_schema_is_checked_when_stored(tmp_path):
     path.write_text("{")
     with pytest.raises(LoraError, match="is not valid JSON"):
         load_response_schema(str(path))
-    with pytest.raises(LoraError, match="no such file"):
+    with pytest.raises(LoraError, match="does not exist"):
         load_response_schema(str(tmp_path / "missing.json"))
     with pytest.raises(LoraError, match="lora_task.json: response_schema must be a JSON schema object"):
         check_response_schema("string", "lora_task.json: response_schema")
@@ -235,3 +236,19 @@ def test_a_response_schema_added_to_lora_task_json_reaches_the_task(tiny_llama, 
     task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": SCHEMA}))
     mt = lora.MultiTaskModel(tiny_llama, {"t": str(tmp_path / "t")})
     assert request_constraint({}, mt.task_meta("t").get("response_schema")).schema == SCHEMA
+
+    task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": {"type": "strnig"}}))
+    with pytest.raises(LoraError, match="lora_task.json: response_schema: the JSON schema cannot be compiled"):
+        lora.MultiTaskModel(tiny_llama, {"t": str(tmp_path / "t")}).adapter("t")
+
+
+def test_finetune_stores_the_response_schema_and_refuses_a_bad_one_before_training(tiny_llama, tmp_path, capsys):
+    task = write_task(tmp_path / "task")
+    (task / "schema.json").write_text(json.dumps(SCHEMA))
+    argv = finetune_argv(tiny_llama, task, tmp_path / "c", "--max_steps", 1, "--response_schema", task / "schema.json")
+    assert main(["finetune", *argv]) == 0
+    assert json.loads((tmp_path / "c" / "final" / "lora_task.json").read_text())["response_schema"] == SCHEMA
+    (task / "schema.json").write_text('{"type": "integer", "minimum": 5, "maximum": 1}')
+    argv = finetune_argv(tiny_llama, task, tmp_path / "d", "--max_steps", 1, "--response_schema", task / "schema.json")
+    assert main(["finetune", *argv]) == 2
+    assert "--response_schema" in capsys.readouterr().err and not (tmp_path / "d").exists()
