@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lora
+from lora.cli import main
 from lora.errors import LoraError
 from lora.evaluate import evaluate
 from lora.structured import (
@@ -18,7 +19,6 @@ from lora.structured import (
     load_response_schema,
     request_constraint,
 )
-from lora.cli import main
 from tests.conftest import finetune_argv, make_adapter, write_task
 
 EXTRACTION = Path(__file__).resolve().parent.parent / "examples" / "extraction"
