@@ -23,12 +23,12 @@ def cache_dir() -> str:
     return os.environ.get("LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-pytorch")
 
 
-def resolve_device(device: str | None = None) -> str:
+def resolve_device(device: str | torch.device | None = None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LoraError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
-    return device
+    return str(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -99,7 +99,7 @@ def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
 
 
 def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
-               device: str | None = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+               device: str | torch.device | None = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'."""
     from transformers import AutoModelForCausalLM
 

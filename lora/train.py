@@ -156,7 +156,7 @@ def setup(config: TrainConfig) -> Run:
     else:
         inject(model, target_names, r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                rslora=config.use_rslora)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() as its dtype-only overload
     params = lora_parameters(model)
     if rank == 0:
         n_lora = sum(p.numel() for p in params)
