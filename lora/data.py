@@ -3,30 +3,36 @@ import bisect
 import json
 import random
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn as nn
 
 from .chat import chat_record, check_chat_template, encode_chat, render_chat  # noqa: F401 (render_chat: serving's)
 from .errors import LoraError
+from .files import MAX_JSON_BYTES, PathLike, read_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label value the loss skips: prompt and padding tokens
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
 FIELDS = ("instruction", "input")
+MAX_DATA_BYTES = 4 << 30  # the whole file is parsed in memory; past this, split it
 FORMAT_KEYS = {"alpaca": "instruction", "messages": "messages", "sharegpt": "conversations"}  # a record's telling key
 
 
-def read_records(path):
+def read_records(path: PathLike) -> tuple[list[dict[str, Any]], Callable[[int], str]]:
     """(records, where): the objects of a JSON list or JSON Lines file, and where(i) naming record i in errors."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise LoraError(f"cannot read data file {path}: {e.strerror}") from None
+    text = read_text(path, what="data file", max_bytes=MAX_DATA_BYTES)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
             raise LoraError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        except RecursionError:
+            raise LoraError(f"{path} is not valid JSON: nested too deeply") from None
         where = lambda i: f"{path} record {i + 1}"  # noqa: E731
     else:
         records, lines = [], []
@@ -34,8 +40,9 @@ def read_records(path):
             if line.strip():
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise LoraError(f"{path} line {lineno} is not valid JSON ({e.msg}); the file must be a JSON list "
+                except (json.JSONDecodeError, RecursionError) as e:
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise LoraError(f"{path} line {lineno} is not valid JSON ({reason}); the file must be a JSON list "
                                     "or one JSON object per line") from None
                 lines.append(lineno)
         where = lambda i: f"{path} line {lines[i]}"  # noqa: E731
@@ -48,7 +55,7 @@ def read_records(path):
     return records, where
 
 
-def alpaca_record(rec, where):
+def alpaca_record(rec: dict[str, Any], where: str) -> dict[str, str]:
     for key in ("instruction", "output"):
         if not isinstance(rec.get(key), str):
             raise LoraError(f"{where} has no string {key!r}; every record needs instruction and "
@@ -58,36 +65,33 @@ def alpaca_record(rec, where):
     return {"instruction": rec["instruction"], "input": rec.get("input", ""), "output": rec["output"]}
 
 
-def load_records(path):
+def load_records(path: PathLike) -> list[dict[str, str]]:
     """A JSON list, or JSON Lines, of {"instruction", "input", "output"} objects (Stanford Alpaca format)."""
     records, where = read_records(path)
     return [alpaca_record(rec, where(i)) for i, rec in enumerate(records)]
 
 
-def check_prompt_format(prompt_format, source="prompt format"):
+def check_prompt_format(prompt_format: str, source: str = "prompt format") -> str:
     unknown = sorted({m for m in PLACEHOLDER.findall(prompt_format) if m not in FIELDS})
     if unknown:
-        raise LoraError(f"{source} has unknown placeholder(s) {', '.join('{%s}' % u for u in unknown)}; "
+        raise LoraError(f"{source} has unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; "
                         "only {instruction} and {input} are filled in")
     if "{instruction}" not in prompt_format:
         raise LoraError(f"{source} has no {{instruction}} placeholder; add it where the instruction goes")
     return prompt_format
 
 
-def load_prompt_format(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return check_prompt_format(f.read(), f"prompt format {path}")
-    except OSError as e:
-        raise LoraError(f"cannot read prompt format file {path}: {e.strerror}") from None
+def load_prompt_format(path: PathLike) -> str:
+    text = read_text(path, what="prompt format file", max_bytes=MAX_JSON_BYTES)
+    return check_prompt_format(text, f"prompt format {path}")
 
 
-def format_prompt(prompt_format, instruction, input=""):
+def format_prompt(prompt_format: str, instruction: str, input: str = "") -> str:
     # Plain replacement, not str.format: prompts may contain literal braces (JSON examples, code).
     return prompt_format.replace("{instruction}", instruction).replace("{input}", input or "")
 
 
-def pad_token_id(tokenizer):
+def pad_token_id(tokenizer: "PreTrainedTokenizerBase") -> int:
     """An existing token for padding: adding one would resize embeddings and break adapter portability."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
@@ -96,18 +100,18 @@ def pad_token_id(tokenizer):
     return pad
 
 
-def encode_prompt(tokenizer, prompt):
+def encode_prompt(tokenizer: "PreTrainedTokenizerBase", prompt: str) -> list[int]:
     return tokenizer(prompt)["input_ids"]
 
 
-def encode_alpaca(tokenizer, prompt, output):
+def encode_alpaca(tokenizer: "PreTrainedTokenizerBase", prompt: str, output: str) -> tuple[list[int], list[bool]]:
     """(ids, answer): prompt + output + EOS, and per token whether it belongs to the answer (output + EOS)."""
     prompt_ids = encode_prompt(tokenizer, prompt)
     output_ids = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + output_ids, [False] * len(prompt_ids) + [True] * len(output_ids)
 
 
-def detect_format(rec, where):
+def detect_format(rec: dict[str, Any], where: str) -> str:
     for data_format, key in FORMAT_KEYS.items():
         if key in rec:
             return data_format
@@ -115,7 +119,9 @@ def detect_format(rec, where):
                     "(ShareGPT), so its format is unknown; fix the record or set --data_format")
 
 
-def load_examples(path, tokenizer, max_length, *, data_format="auto", prompt_format=None, train_on_inputs=False):
+def load_examples(path: PathLike, tokenizer: "PreTrainedTokenizerBase", max_length: int, *, data_format: str = "auto",
+                  prompt_format: str | None = None,
+                  train_on_inputs: bool = False) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
     """Tokenized training examples of a data file, and what training must record about them.
 
     Alpaca records are filled into prompt_format; chat records (OpenAI `messages`, ShareGPT `conversations`)
@@ -150,7 +156,7 @@ def load_examples(path, tokenizer, max_length, *, data_format="auto", prompt_for
         recs = [alpaca_record(rec, where(i)) for i, rec in enumerate(records)]
         encoded = (encode_alpaca(tokenizer, format_prompt(prompt_format, r["instruction"], r["input"]), r["output"])
                    for r in recs)
-        task = {"prompt_format": prompt_format}
+        task: dict[str, Any] = {"prompt_format": prompt_format}
     else:
         check_chat_template(tokenizer, f"{data_format} data in {path}")
         chats = [chat_record(rec, data_format, where(i)) for i, rec in enumerate(records)]
@@ -174,13 +180,7 @@ def load_examples(path, tokenizer, max_length, *, data_format="auto", prompt_for
     return examples, info
 
 
-def load_dataset(path, tokenizer, prompt_format, max_length):
-    """Tokenized Alpaca examples of a data file, and how many were cut or dropped (see load_examples)."""
-    examples, info = load_examples(path, tokenizer, max_length, data_format="alpaca", prompt_format=prompt_format)
-    return examples, info["truncated"] + info["dropped"]
-
-
-def pack(examples, max_length):
+def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
     """Examples packed into rows of at most max_length tokens, best fit decreasing (as TRL's "bfd").
 
     Each row is {"input_ids", "labels", "position_ids"}; position_ids restart at 0 for each example, and each
@@ -191,7 +191,8 @@ def pack(examples, max_length):
         examples: {"input_ids", "labels"} dicts, each at most max_length long.
         max_length: tokens per row.
     """
-    rows, space = [], []  # space: sorted (free tokens, row index) of rows that still have room
+    rows: list[list[int]] = []
+    space: list[tuple[int, int]] = []  # space: sorted (free tokens, row index) of rows that still have room
     for i in sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"])):
         n = len(examples[i]["input_ids"])
         if n > max_length:
@@ -215,7 +216,7 @@ def pack(examples, max_length):
     return packed
 
 
-def length_grouped_batches(lengths, batch_size, seed, epoch):
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Batches of example indices of similar length, so little padding is wasted.
 
     Indices are shuffled, cut into groups of 50 batches, each group sorted by length and cut into batches; the
@@ -243,7 +244,7 @@ def length_grouped_batches(lengths, batch_size, seed, epoch):
     return batches
 
 
-def check_packing(model):
+def check_packing(model: nn.Module) -> None:
     """Refuse packing where collate's block-diagonal mask would not isolate examples (only SDPA takes it as is)."""
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "sdpa":
@@ -251,7 +252,7 @@ def check_packing(model):
                         "attn_implementation='sdpa', or train without --packing")
 
 
-def collate(examples, pad_id):
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """A batch to pass straight to `model(**batch)`: right-padded, padding with label IGNORE_INDEX.
 
     Plain examples get a 2D attention_mask. Packed rows (with position_ids, from pack) get position_ids and a
@@ -265,14 +266,15 @@ def collate(examples, pad_id):
     """
     width = max(len(e["input_ids"]) for e in examples)
     packed = "position_ids" in examples[0]
-    batch = {"input_ids": [], "labels": [], "position_ids" if packed else "attention_mask": []}
+    third = "position_ids" if packed else "attention_mask"
+    lists: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], third: []}
     for e in examples:
         n, pad = len(e["input_ids"]), width - len(e["input_ids"])
         rows = (e["input_ids"], e.get("labels", e["input_ids"]), e["position_ids"] if packed else [1] * n)
         fill = ([pad_id] * pad, [IGNORE_INDEX] * pad, list(range(pad)) if packed else [0] * pad)
-        for key, row, tail in zip(batch, rows, fill):
-            batch[key].append(row + tail)
-    batch = {k: torch.tensor(v) for k, v in batch.items()}
+        for key, row, tail in zip(lists, rows, fill):
+            lists[key].append(row + tail)
+    batch = {k: torch.tensor(v) for k, v in lists.items()}
     if packed:
         starts = batch["position_ids"] == 0
         batch["labels"][starts] = IGNORE_INDEX

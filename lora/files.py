@@ -11,10 +11,13 @@ Every file a user or a client names (adapter checkpoints, configs, mappers) is r
 import errno
 import os
 import stat
+from typing import TypeAlias
 
 from .errors import LoraError
 
+PathLike: TypeAlias = str | os.PathLike[str]
 MAX_JSON_BYTES = 8 << 20  # configs, task metadata and mappers are kilobytes; 8 MiB leaves room for any real one
+MAX_DATA_BYTES = 4 << 30  # training and validation data: past 4 GiB, its Python objects would not fit in memory anyway
 
 
 class OutsideRootError(LoraError):
@@ -32,7 +35,7 @@ _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _SEARCH = getattr(os, "O_PATH", 0)  # folders on the way need only search permission, as in a normal open
 
 
-def _kind(mode):
+def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
@@ -41,15 +44,16 @@ def _kind(mode):
     return "not a regular file"
 
 
-def _open_error(e, what, path):
+def _open_error(e: OSError, what: str, path: str) -> LoraError:
     if e.errno == errno.ENOENT:
         return MissingFileError(f"{what} {path} does not exist")
-    reason = {errno.EACCES: "is not readable (permission denied)",
-              errno.ENOTDIR: "has a path component that is not a directory"}.get(e.errno, f"cannot be opened ({e.strerror})")
+    reasons = {errno.EACCES: "is not readable (permission denied)",
+               errno.ENOTDIR: "has a path component that is not a directory"}
+    reason = reasons.get(e.errno or 0, f"cannot be opened ({e.strerror})")
     return LoraError(f"{what} {path} {reason}")
 
 
-def _relative_to_root(path, root):
+def _relative_to_root(path: str, root: str) -> tuple[str, list[str]]:
     """`path`'s components below `root`, lexically; tried against the root as given and as resolved."""
     target = os.path.abspath(path)
     for base in dict.fromkeys((os.path.abspath(root), os.path.realpath(root))):
@@ -58,7 +62,7 @@ def _relative_to_root(path, root):
     raise OutsideRootError(f"{path} is not inside the allowed root {root}; give a path inside it")
 
 
-def _open_in_root(path, root, what):
+def _open_in_root(path: str, root: str, what: str) -> int:
     """Open `path` walking down from `root` without following any symbolic link; returns the fd."""
     if not (_NOFOLLOW and os.open in os.supports_dir_fd):
         raise LoraError(f"reading files only inside a root needs openat() and O_NOFOLLOW, which this system lacks; "
@@ -95,7 +99,7 @@ def _open_in_root(path, root, what):
         raise
 
 
-def read_bytes(path, *, what, max_bytes, root=None):
+def read_bytes(path: PathLike, *, what: str, max_bytes: int, root: PathLike | None = None) -> bytes:
     """The bytes of the regular file `path`, read through one open file descriptor.
 
     Args:
@@ -137,7 +141,7 @@ def read_bytes(path, *, what, max_bytes, root=None):
     return b"".join(chunks)
 
 
-def read_text(path, *, what, max_bytes, root=None):
+def read_text(path: PathLike, *, what: str, max_bytes: int, root: PathLike | None = None) -> str:
     """`read_bytes` decoded as UTF-8 (a leading byte-order mark dropped, newlines made "\\n" as open() does).
 
     Args: as for `read_bytes`.

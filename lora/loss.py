@@ -6,6 +6,8 @@ label are needed, so the model body runs for hidden states, the positions whose 
 target are picked out, and the output head plus cross-entropy run over them in chunks, each chunk
 checkpointed so its logits are recomputed in backward instead of kept (the torchtune recipe).
 """
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def logits_are_head_of_hidden(model: nn.Module) -> bool:
+def logits_are_head_of_hidden(model: Any) -> bool:  # a transformers PreTrainedModel
     """True when the model's logits are just its output head applied to its body's last hidden state.
 
     Models that scale or soft-cap logits after the head (Gemma 2, Cohere, Granite) fail this and keep
@@ -53,7 +55,7 @@ class CausalLMLoss(nn.Module):
             whose logits are not the head of the hidden state, see logits_are_head_of_hidden).
     """
 
-    def __init__(self, model: nn.Module, chunked: bool = True):
+    def __init__(self, model: Any, chunked: bool = True) -> None:  # model: a transformers PreTrainedModel
         super().__init__()
         self.model = model
         self.chunked = chunked

@@ -6,15 +6,32 @@ Validation rows: {"step", "epoch", "val_loss", "val_perplexity"}.
 import json
 import os
 
+from .errors import LoraError
+from .files import MissingFileError, read_text
+
 FILE = "metrics.jsonl"
+MAX_METRICS_BYTES = 1 << 30  # a row is ~150 bytes: millions of steps
 
 
 def read_metrics(path: str) -> list[dict]:
-    """Every row of a metrics.jsonl file; [] when it does not exist."""
-    if not os.path.exists(path):
+    """Every row of a metrics.jsonl file; [] when it does not exist. A row that is not training's is a LoraError."""
+    try:
+        text = read_text(path, what="metrics file", max_bytes=MAX_METRICS_BYTES)
+    except MissingFileError:
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)):
+            raise LoraError(f"{path} line {lineno} is not a metrics row (a JSON object with an integer step); "
+                            "delete the line, or the file to start the metrics afresh")
+        rows.append(row)
+    return rows
 
 
 def append_metrics(path: str, row: dict) -> None:

