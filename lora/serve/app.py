@@ -21,6 +21,7 @@ from .serving import Serving
 
 log = logging.getLogger("lora.serve")
 SHUTDOWN_TIMEOUT = 30.0
+ENGINE_STOP_TIMEOUT = 10.0
 
 
 def create_app(mt: Any, engine: Engine | None = None, *, served_model_name: str | None = None,
@@ -56,7 +57,9 @@ def create_app(mt: Any, engine: Engine | None = None, *, served_model_name: str 
         try:
             yield
         finally:
-            engine.shutdown()
+            # The drain is over: what is left is aborted or short. Bounded all the same, so an engine thread
+            # that hangs cannot keep the process from exiting.
+            engine.shutdown(timeout=ENGINE_STOP_TIMEOUT)
             serving.close()
 
     app = FastAPI(title="lora-pytorch", lifespan=lifespan)
