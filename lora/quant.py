@@ -3,7 +3,7 @@
     nf4, fp4   bitsandbytes Linear4bit: blockwise 4-bit weights (QLoRA's NF4, or FP4), optional double
                quantization of the block scales, matmuls in a compute dtype (default: the input's dtype)
     int8       bitsandbytes Linear8bitLt: LLM.int8() (int8 weights, one scale per output row)
-    w8a16      Int8Linear here: the same int8 weights as `int8` (equal to the value), bfloat16 activations,
+    w8a16      Int8Linear here: the int8 values of `int8` (row scales rounded to bfloat16), bfloat16 activations,
                run by PyTorch's int8 weight-only kernel aten._weight_int8pack_mm on CPU (what torchao's
                int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
                weight once per token: a quarter of float32's bytes), and it trains too.
@@ -81,7 +81,7 @@ def import_bitsandbytes(method: str) -> Any:
 
 def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, float32 absmax per output row): bitsandbytes' int8_vectorwise_quant, so `int8` and
-    `w8a16` hold equal weights. A weight is value * absmax / 127; an all-zero row gets absmax 0."""
+    `w8a16` hold equal int8 values. A weight is value * absmax / 127; an all-zero row gets absmax 0."""
     w = weight.detach().to(torch.float16)  # bitsandbytes rounds to float16 first
     absmax = w.abs().amax(dim=1).float()
     q = torch.round(w * (127.0 / absmax.clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)
