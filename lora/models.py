@@ -97,7 +97,7 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, device
                compute_dtype: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'.
 
-    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head: lora.quant.
+    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head: see lora.quant.
     """
     from transformers import AutoModelForCausalLM
 

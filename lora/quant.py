@@ -8,7 +8,8 @@
                int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
                weight once per token: a quarter of float32's bytes), and it trains too.
 
-The output head stays in full precision, as transformers' bitsandbytes loader leaves it, so `nf4`, `fp4`
+The output head stays in full precision (w8a16 can take it too: `head=True`, for serving, where a tied head
+is a large share of the bytes read per token), as transformers' bitsandbytes loader leaves it, so `nf4`, `fp4`
 and `int8` give a model equal to `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))`
 with `record = quantization_config(...)`: the record PEFT, transformers and vLLM read for such a base.
 LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
@@ -42,9 +43,11 @@ class Quantization:
     method: str
     double_quant: bool = False
     compute_dtype: str | None = None  # nf4/fp4 matmul dtype (transformers' default: float32)
+    head: bool = False  # the output head quantized too (w8a16 only)
 
 
-def check_quantization(method: str, double_quant: bool = False, compute_dtype: str | None = None) -> Quantization:
+def check_quantization(method: str, double_quant: bool = False, compute_dtype: str | None = None,
+                       head: bool = False) -> Quantization:
     """The record for these settings, or a LoraError naming the bad one and the choices."""
     if method not in METHODS:
         raise LoraError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} "
@@ -60,7 +63,10 @@ def check_quantization(method: str, double_quant: bool = False, compute_dtype: s
         compute_dtype = COMPUTE_DTYPES[compute_dtype]
     elif method in ("nf4", "fp4"):
         compute_dtype = "float32"
-    return Quantization(method, double_quant, compute_dtype)
+    if head and method != "w8a16":
+        raise LoraError(f"quantizing the output head is offered for w8a16 (serving), not {method}: bitsandbytes "
+                        "bases keep it in full precision, as PEFT and transformers expect")
+    return Quantization(method, double_quant, compute_dtype, head)
 
 
 def import_bitsandbytes(method: str) -> Any:
@@ -162,21 +168,23 @@ def _bnb_linear(bnb: Any, linear: nn.Linear, q: Quantization, device: Any) -> nn
     return module.to(device)
 
 
-def quantizable(model: nn.Module) -> list[str]:
-    """Names of the plain Linear layers quantize_model replaces: all but the output head, in model order."""
+def quantizable(model: nn.Module, head: bool = False) -> list[str]:
+    """Names of the plain Linear layers quantize_model replaces, in model order: all but the output head,
+    unless `head`."""
     get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head else None
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    output = None if head or get_head is None else get_head()
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and m is not output]
 
 
 def quantize_model(model: nn.Module, method: str, double_quant: bool = False, compute_dtype: str | None = None,
-                   device: Any = None) -> list[str]:
-    """Quantize `model`'s Linear layers (not its output head) in place; returns their names.
+                   device: Any = None, head: bool = False) -> list[str]:
+    """Quantize `model`'s Linear layers (not its output head, unless `head`) in place; returns their names.
 
     Each layer is quantized on `device` (default: where its weight is) and its float weight freed as it
-    goes. Do it before adding LoRA layers; the record is left on the model (see quantization_config).
+    goes (a tied head's weight stays, as the input embedding). Do it before adding LoRA layers; the record
+    is left on the model (see model_quantization).
     """
-    q = check_quantization(method, double_quant, compute_dtype)
+    q = check_quantization(method, double_quant, compute_dtype, head)
     if lora_layers(model):
         raise LoraError("quantize the base model before adding LoRA layers: load a fresh base model, quantize it, "
                         "then inject or load the adapter")
@@ -184,9 +192,10 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
         raise LoraError(f"this model is already quantized ({getattr(model, RECORD_ATTR)['method']}); load a fresh "
                         "base model to quantize it another way")
     bnb = import_bitsandbytes(method) if method in BNB_METHODS else None
-    names = quantizable(model)
+    names = quantizable(model, head)
     if not names:
-        raise LoraError(f"{type(model).__name__} has no Linear layer to quantize besides its output head")
+        raise LoraError(f"{type(model).__name__} has no Linear layer to quantize besides its output head "
+                        "(Conv1D layers, as in GPT-2, are not quantized)")
     for name in names:
         linear: Any = model.get_submodule(name)
         target = device if device is not None else linear.weight.device
@@ -198,13 +207,14 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
     return names
 
 
-def quantization_config(method: str, double_quant: bool = False, compute_dtype: str | None = None) -> dict:
+def quantization_config(method: str, double_quant: bool = False, compute_dtype: str | None = None,
+                        head: bool = False) -> dict:
     """The `quantization_config` record of a base quantized so: for bitsandbytes methods the fields of
     transformers' BitsAndBytesConfig (what PEFT and vLLM read from a base model's config.json)."""
-    q = check_quantization(method, double_quant, compute_dtype)
+    q = check_quantization(method, double_quant, compute_dtype, head)
     if q.method == "w8a16":
         return {"quant_method": "w8a16", "bits": 8, "group_size": -1, "symmetric": True,
-                "activation_dtype": "bfloat16", "modules_to_not_convert": ["lm_head"]}
+                "activation_dtype": "bfloat16", "modules_to_not_convert": [] if head else ["lm_head"]}
     return {"quant_method": "bitsandbytes", "load_in_4bit": q.method != "int8", "load_in_8bit": q.method == "int8",
             "bnb_4bit_quant_type": q.method if q.method != "int8" else "fp4",
             "bnb_4bit_use_double_quant": q.double_quant, "bnb_4bit_compute_dtype": q.compute_dtype or "float32",

@@ -148,6 +148,19 @@ def test_w8a16_holds_bitsandbytes_int8_values_and_is_close_to_float(tiny_llama, 
     assert nbytes(w8, layers) < 0.27 * nbytes(full, layers)  # a quarter of float32, plus one scale per row
 
 
+def test_w8a16_can_take_a_tied_output_head_and_the_embedding_stays_float(tiny_gpt2, tiny_tokenizer):
+    model = lora.load_model(tiny_gpt2)[0]
+    assert model.lm_head.weight is model.transformer.wte.weight  # GPT-2 ties them
+    batch = token_batch(tiny_tokenizer)
+    expected = logits(model, batch)
+    with pytest.raises(lora.LoraError, match="no Linear layer to quantize besides its output head .*Conv1D"):
+        quantize_model(model, "w8a16")
+    assert quantize_model(model, "w8a16", head=True) == ["lm_head"]
+    assert isinstance(model.lm_head, Int8Linear) and model.transformer.wte.weight.dtype == torch.float32
+    assert model_quantization(model)["modules_to_not_convert"] == []
+    assert (logits(model, batch) - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def nbytes(model, names):
     return sum(t.numel() * t.element_size() for n in names for t in model.get_submodule(n).state_dict().values())
 
@@ -178,6 +191,8 @@ def test_bad_quantization_settings_get_one_clear_error(tiny_llama):
         lora.load_model(tiny_llama, quantize="int8", double_quant=True)
     with pytest.raises(lora.LoraError, match="unknown compute dtype 'float8'"):
         lora.load_model(tiny_llama, quantize="nf4", compute_dtype="float8")
+    with pytest.raises(lora.LoraError, match="output head is offered for w8a16 .*, not nf4"):
+        quantize_model(lora.load_model(tiny_llama)[0], "nf4", head=True)
     model = lora.load_model(tiny_llama, quantize="nf4")[0]
     with pytest.raises(lora.LoraError, match="already quantized"):
         quantize_model(model, "int8")
