@@ -1,7 +1,7 @@
 """Quantized base models: replace a model's frozen Linear layers with 4-bit or 8-bit ones (QLoRA) and back.
 
     nf4, fp4   bitsandbytes Linear4bit: blockwise 4-bit weights (QLoRA's NF4, or FP4), optional double
-               quantization of the block scales, matmuls in a compute dtype (default: the input's dtype)
+               quantization of the block scales, matmuls in a compute dtype (default float32, as transformers')
     int8       bitsandbytes Linear8bitLt: LLM.int8() (int8 weights, one scale per output row)
     w8a16      Int8Linear here: the int8 values of `int8` (row scales rounded to bfloat16), bfloat16 activations,
                run by PyTorch's int8 weight-only kernel aten._weight_int8pack_mm on CPU (what torchao's
@@ -10,8 +10,9 @@
 
 The output head stays in full precision (w8a16 can take it too: `head=True`, for serving, where a tied head
 is a large share of the bytes read per token), as transformers' bitsandbytes loader leaves it, so `nf4`, `fp4`
-and `int8` give a model equal to `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))`
-with `record = quantization_config(...)`: the record PEFT, transformers and vLLM read for such a base.
+and `int8` give the model `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads,
+`record = quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
+logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
 LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
 take a merged task): `dequantize_model` gives float Linears back for merge and export.
 """
@@ -74,7 +75,8 @@ def import_bitsandbytes(method: str) -> Any:
     # On CPUs with AVX512-BF16 bitsandbytes 0.50 tries to fetch a kernel from the Hugging Face Hub at import
     # (nothing is downloaded here) and logs a warning when it cannot: that warning is not the user's problem.
     cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level, cpu_ops.level = cpu_ops.level, logging.ERROR
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
@@ -180,8 +182,8 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
                    device: Any = None, head: bool = False) -> list[str]:
     """Quantize `model`'s Linear layers (not its output head, unless `head`) in place; returns their names.
 
-    Each layer is quantized on `device` (default: where its weight is) and its float weight freed as it
-    goes (a tied head's weight stays, as the input embedding). Do it before adding LoRA layers; the record
+    Each layer is quantized on `device` (default: where its weight is) and its float weight dropped as it
+    goes (a tied head's stays: it is the input embedding too). Do it before adding LoRA layers; the record
     is left on the model (see model_quantization).
     """
     q = check_quantization(method, double_quant, compute_dtype, head)
@@ -259,19 +261,23 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     raise LoraError(f"cannot de-quantize a {type(module).__name__}; only bitsandbytes and w8a16 layers are known")
 
 
-def dequantize_model(model: nn.Module) -> list[str]:
-    """Replace every quantized Linear (inside LoRA layers too) by a float32 nn.Linear; returns their names.
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every quantized Linear (inside LoRA layers too) by a float nn.Linear; returns their names.
 
     The way to merge adapters or export from a quantized base: the result is the de-quantized weights,
-    which differ from the original float model's by the quantization error.
+    which differ from the original float model's by the quantization error. `dtype` defaults to that of
+    the model's other weights (its embedding's), which its activations have.
     """
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
+    if dtype is None:
+        dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n),
+                     torch.float32)
     for name in names:
         module: Any = model.get_submodule(name)
         linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(dense_weight(module).detach().clone(), requires_grad=False)
+        linear.weight = nn.Parameter(dense_weight(module).detach().to(dtype, copy=True), requires_grad=False)
         if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
         set_submodule(model, name, linear.train(module.training))
     if names and hasattr(model, RECORD_ATTR):
         delattr(model, RECORD_ATTR)

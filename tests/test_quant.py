@@ -184,6 +184,15 @@ def test_merge_is_refused_on_packed_weights_and_works_after_dequantizing(tiny_ll
     torch.testing.assert_close(logits(merged, batch), expected, rtol=tolerance, atol=tolerance)
 
 
+def test_dequantizing_a_bfloat16_base_gives_bfloat16_linears(tiny_llama, tiny_tokenizer):
+    model = lora.load_model(tiny_llama, dtype="bfloat16", quantize="nf4", compute_dtype="bfloat16")[0]
+    batch = token_batch(tiny_tokenizer)
+    expected = logits(model, batch)
+    dequantize_model(model)
+    assert {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} == {torch.bfloat16}
+    torch.testing.assert_close(logits(model, batch), expected, rtol=0.05, atol=0.05)
+
+
 def test_bad_quantization_settings_get_one_clear_error(tiny_llama):
     with pytest.raises(lora.LoraError, match="unknown quantization 'int4'; use one of nf4, fp4, int8, w8a16"):
         lora.load_model(tiny_llama, quantize="int4")
