@@ -269,8 +269,8 @@ def single_stream(mt, model_path, loads):
                             pad_token_id=lora.data.pad_token_id(mt.tokenizer))
         return out[0, len(ids):].tolist()
 
-    runs = {"engine, task (merged)": lambda: engine.generate([ids], [request["downstream"]], sampling)[0].token_ids,
-            "engine, base model": lambda: engine.generate([ids], [None], sampling)[0].token_ids,
+    runs = {"engine, task (merged)": lambda: engine.generate([ids], [request["downstream"]], sampling)[0].new_token_ids,
+            "engine, base model": lambda: engine.generate([ids], [None], sampling)[0].new_token_ids,
             "transformers generate, base model": hf_generate}
     best, tokens = dict.fromkeys(runs, float("inf")), {}
     for run in runs.values():
