@@ -54,7 +54,7 @@ def test_mixed_tasks_and_staggered_arrivals_answer_as_each_request_alone(mt):
     engine = Engine(mt, max_num_seqs=4, max_prefill_tokens=6, merge_after=2)
     outputs, tokens, on_output = collector()
     ids = []
-    for i, (ids_, task) in enumerate(zip(prompts, tasks)):  # a new request every other step
+    for ids_, task in zip(prompts, tasks):  # a new request every other step
         ids.append(engine.add_request(ids_, task, GREEDY, on_output))
         engine.step()
         engine.step()
