@@ -218,3 +218,18 @@ def test_stats_name_the_running_and_waiting_adapters(mt):
     stats = engine.stats()
     assert stats["running_lora_adapters"] == ["qa"] and stats["waiting_lora_adapters"] == ["sum"]
     assert stats["max_lora"] == 2
+
+
+def test_a_failed_request_leaves_nothing_in_the_cache_for_the_next_one(mt, tiny_llama, tmp_path):
+    mt.add_downstream("huge", overflowing_adapter(tiny_llama, tmp_path / "huge"))
+    try:
+        engine = Engine(mt, max_num_seqs=2)
+        long_prompt = mt.tokenizer(" ".join(["What colour is the"] + THINGS))["input_ids"]
+        failed = engine.generate([long_prompt], ["huge"], GREEDY)[0]
+        assert failed.finish_reason == "error"
+        # The next request takes the same slot, beside a longer one: it attends over masked positions there.
+        short, longer = engine.generate([prompt(mt, 1), long_prompt[:20]], ["qa", "qa"], GREEDY)
+        assert short.finish_reason == "length", short.error
+        assert short.new_token_ids == alone(mt, prompt(mt, 1), "qa")
+    finally:
+        mt.remove_downstream("huge")

@@ -181,6 +181,7 @@ class Engine:
                 self.counters["prompt_tokens_total"] += chunk.end - chunk.start
         for request, result in results.items():
             if isinstance(result, BaseException):
+                self.cache.scrub(request)
                 self._finish(request, "error", result)
             else:
                 self.counters["generation_tokens_total"] += 1

@@ -44,6 +44,14 @@ class SlotCache:
             self._free.append(request.slot)
             request.slot = -1
 
+    def scrub(self, request: Request) -> None:
+        """Zero the request's slot: a failed step may have left inf or NaN there, which even masked-out
+        positions pass on to the slot's next user (0 * NaN is NaN)."""
+        if request.slot >= 0:
+            for k, v in self.layers.values():
+                k[request.slot, :, :self.zeroed].zero_()
+                v[request.slot, :, :self.zeroed].zero_()
+
     def usage(self, tokens: int) -> float:
         """The fraction of the cache that `tokens` positions in use fill."""
         return tokens / (self.slots * self.max_len)
