@@ -224,3 +224,28 @@ def test_background_engine_streams_deltas_and_unloads_between_steps(mt, tiny_lla
         assert result["out"].finish_reason == "error" and "unloaded" in str(result["out"].error)
     finally:
         engine.shutdown()
+
+
+def test_a_shared_prompt_prefix_is_computed_once_per_task(mt, tiny_llama, tmp_path):
+    head = prompt(mt, 7, words=10)
+    first, second = head + prompt(mt, 1), head + prompt(mt, 2)
+    engine = Engine(mt, max_num_seqs=2)
+    engine.generate([first], ["qa"], GREEDY)
+    before = engine.stats()
+    answer = engine.generate([second], ["qa"], GREEDY)[0]
+    after = engine.stats()
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == len(second) - shared
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == shared
+    assert answer.new_token_ids == alone(mt, second, "qa")
+    # K and V depend on the adapter: another task computes the whole prompt
+    assert engine.generate([second], ["sum"], GREEDY)[0].new_token_ids == alone(mt, second, "sum")
+    assert engine.stats()["prompt_tokens_total"] - after["prompt_tokens_total"] == len(second)
+    # a task registered again under the same name is other weights: nothing of the old one is reused
+    mt.add_downstream("again", make_adapter(tiny_llama, tmp_path / "a", ["q_proj"], seed=3))
+    engine.generate([second], ["again"], GREEDY)
+    engine.call(lambda: mt.add_downstream("again", make_adapter(tiny_llama, tmp_path / "b", ["v_proj"], seed=4)))
+    try:
+        assert engine.generate([second], ["again"], GREEDY)[0].new_token_ids == alone(mt, second, "again")
+    finally:
+        mt.remove_downstream("again")

@@ -45,12 +45,13 @@ class Engine:
         merge_after: steps of one task before "auto" goes back to merged weights.
         max_loras: distinct tasks in one step (default: no limit beyond the slots).
         aging_steps: steps a request that must run alone may wait before it stops later ones from joining.
+        enable_prefix_caching: a request reuses the K/V of a free slot that holds a prefix of its prompt.
     """
 
     def __init__(self, tasks: Tasks, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_bytes: float | None = None, max_prefill_tokens: int = 512, max_waiting: int = 1024,
                  mode: str = "auto", merge_after: int = 8, max_waiting_tokens: int = 1 << 22,
-                 max_loras: int | None = None, aging_steps: int = 32) -> None:
+                 max_loras: int | None = None, aging_steps: int = 32, enable_prefix_caching: bool = True) -> None:
         self.tasks, self.model, self.tokenizer = tasks, tasks.pretrained_model, tasks.tokenizer
         context = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = max_model_len or min(context, 4096)
@@ -61,7 +62,7 @@ class Engine:
         if slots < 1:
             raise LoraError(f"the KV cache budget of {kv_cache_bytes} bytes holds no sequence of {self.max_model_len} "
                             f"tokens ({per_slot} bytes); raise the budget or lower max_model_len")
-        self.cache = SlotCache(slots, self.max_model_len)
+        self.cache = SlotCache(slots, self.max_model_len, enable_prefix_caching)
         self.scheduler = Scheduler(self.cache, tasks.can_mix, max_num_seqs=slots, max_prefill_tokens=max_prefill_tokens,
                                    max_waiting=max_waiting, max_waiting_tokens=max_waiting_tokens, mode=mode,
                                    max_loras=max_loras, aging_steps=aging_steps)
@@ -77,6 +78,7 @@ class Engine:
         self._aborts: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = self._abort_all = False
+        self._downstreams: tuple[str, ...] = ()  # the tasks as the last step saw them (see _drop_gone)
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "steps_total": 0}
 
     # ------------------------------------------------------------------ the API other threads call
@@ -158,7 +160,8 @@ class Engine:
         return {"running": len(running), "waiting": len(waiting), "kv_cache_usage": self.cache.usage(used),
                 **self.counters, "running_lora_adapters": sorted({n for r in running for n in r.task_names}),
                 "waiting_lora_adapters": sorted({n for r in waiting for n in r.task_names}),
-                "max_lora": self.max_loras}
+                "max_lora": self.max_loras, "prefix_cache_queries": self.cache.prefix_queries,
+                "prefix_cache_hits": self.cache.prefix_hits}
 
     # ------------------------------------------------------------------ one step
 
@@ -218,6 +221,8 @@ class Engine:
     def _run_calls(self) -> None:
         with self._cond:
             calls, self._calls = self._calls, []
+        if calls:  # adapter loads and unloads: a task's name may now mean other weights
+            self.cache.forget()
         for fn, future in calls:
             try:
                 future.set_result(fn())
@@ -227,7 +232,11 @@ class Engine:
     def _drop_gone(self) -> None:
         """Aborted requests, and those whose task was unloaded, finish before the step is planned."""
         aborts, self._aborts = self._aborts, set()
-        known = set(self.tasks.downstreams)
+        downstreams = tuple(self.tasks.downstreams)
+        if downstreams != self._downstreams:  # registered or removed outside call(): cached K/V may be stale
+            self.cache.forget()
+            self._downstreams = downstreams
+        known = set(downstreams)
         for request in self.scheduler.requests():
             if request.request_id in aborts or self._abort_all:
                 self._finish(request, "abort")
