@@ -258,7 +258,9 @@ def single_stream(mt, model_path, loads):
     base, _ = lora.load_model(model_path, dtype=args.dtype, device=DEVICE)
     request = list(loads.values())[0][0]
     ids = mt.prompt_ids(request)
-    engine = Engine(mt, max_num_seqs=1, max_model_len=len(ids) + args.stream_tokens, mode="merged")
+    # no prefix reuse: every repeat prefills the whole prompt, as generate does
+    engine = Engine(mt, max_num_seqs=1, max_model_len=len(ids) + args.stream_tokens, mode="merged",
+                    enable_prefix_caching=False)
     sampling = SamplingParams(max_tokens=args.stream_tokens, min_tokens=args.stream_tokens)
     input_ids = torch.tensor([ids], device=DEVICE)
 
