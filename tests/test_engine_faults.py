@@ -233,3 +233,19 @@ def test_a_failed_request_leaves_nothing_in_the_cache_for_the_next_one(mt, tiny_
         assert short.new_token_ids == alone(mt, prompt(mt, 1), "qa")
     finally:
         mt.remove_downstream("huge")
+
+
+def test_shutdown_with_a_timeout_aborts_what_is_still_running(mt):
+    engine = Engine(mt, max_num_seqs=1)
+    outputs, first = {}, threading.Event()
+
+    def on_output(out):
+        outputs[out.request_id] = out
+        first.set()
+    running = engine.add_request(prompt(mt, 1), "qa", SamplingParams(max_tokens=200, min_tokens=200), on_output)
+    waiting = engine.add_request(prompt(mt, 2), "qa", SamplingParams(max_tokens=200, min_tokens=200), on_output)
+    engine.start()
+    assert first.wait(60)
+    engine.shutdown(timeout=0.01)
+    assert outputs[running].finish_reason == "abort" and outputs[waiting].finish_reason == "abort"
+    assert outputs[running].num_tokens < 200

@@ -168,9 +168,17 @@ class Engine:
     def step(self) -> bool:
         """One iteration: calls, aborts, admission, forward, outputs. Returns False when there was nothing to do."""
         self._run_calls()
-        with self._cond:
-            self._drop_gone()
-            plan = self.scheduler.schedule()
+        try:
+            with self._cond:
+                self._drop_gone()
+                plan = self.scheduler.schedule()
+        except Exception as e:  # noqa: BLE001 - a bug in planning: what was queued fails, the engine goes on
+            log.exception("planning a step failed")
+            with self._cond:
+                for request in self.scheduler.requests():
+                    self._finish(request, "error", e)
+                self.scheduler.release()
+            return True
         if not plan.requests:
             return False
         try:
