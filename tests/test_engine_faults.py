@@ -249,3 +249,16 @@ def test_shutdown_with_a_timeout_aborts_what_is_still_running(mt):
     engine.shutdown(timeout=0.01)
     assert outputs[running].finish_reason == "abort" and outputs[waiting].finish_reason == "abort"
     assert outputs[running].num_tokens < 200
+
+
+def test_a_task_registered_again_runs_its_new_weights_in_mixed_steps(mt, tiny_llama, tmp_path):
+    mt.add_downstream("again", make_adapter(tiny_llama, tmp_path / "a", ["q_proj", "v_proj"], seed=3))
+    try:
+        engine = Engine(mt, max_num_seqs=4, mode="mixed")
+        engine.generate([prompt(mt, 1), prompt(mt, 2)], ["again", "qa"], GREEDY)
+        new = make_adapter(tiny_llama, tmp_path / "b", ["q_proj", "v_proj"], seed=4)
+        engine.call(lambda: mt.add_downstream("again", new)).result(timeout=60)
+        answer = engine.generate([prompt(mt, 1), prompt(mt, 2)], ["again", "qa"], GREEDY)[0]
+        assert answer.new_token_ids == alone(mt, prompt(mt, 1), "again")
+    finally:
+        mt.remove_downstream("again")

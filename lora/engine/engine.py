@@ -230,19 +230,24 @@ class Engine:
         with self._cond:
             calls, self._calls = self._calls, []
         if calls:  # adapter loads and unloads: a task's name may now mean other weights
-            self.cache.forget()
+            self._forget_tasks()
         for fn, future in calls:
             try:
                 future.set_result(fn())
             except Exception as e:  # noqa: BLE001 - handed to whoever awaits the future
                 future.set_exception(e)
 
+    def _forget_tasks(self) -> None:
+        """A task name may now mean other weights: drop what was computed with the old ones."""
+        self.cache.forget()
+        self.runner.forget_tasks()
+
     def _drop_gone(self) -> None:
         """Aborted requests, and those whose task was unloaded, finish before the step is planned."""
         aborts, self._aborts = self._aborts, set()
         downstreams = tuple(self.tasks.downstreams)
         if downstreams != self._downstreams:  # registered or removed outside call(): cached K/V may be stale
-            self.cache.forget()
+            self._forget_tasks()
             self._downstreams = downstreams
         known = set(downstreams)
         for request in self.scheduler.requests():

@@ -14,6 +14,7 @@ import contextlib
 import math
 import threading
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,6 +70,17 @@ def non_finite(request: Request, dtype: torch.dtype) -> NonFinite:
                      "update overflows; check the adapter's scaling and weights, or retrain it")
 
 
+@dataclass
+class Layout:
+    """Where a step's rows went in the input buffer."""
+    decode: list[Request]  # in slot order: rows [0, len(decode))
+    sampled: list[Request]  # the rows whose logits are kept, in order
+    chunks: list[ChunkRows]
+    n: int  # rows in all
+    hi: int  # decode rows attend over slots [0, hi)
+    reach: int  # the cache positions the step reaches
+
+
 StepResult = dict[Request, "int | BaseException"]  # each sampled request's token, each failed request's error
 
 
@@ -111,8 +123,8 @@ class ModelRunner:
                 results.update({r: e for r in part.requests})
         return results
 
-    @torch.no_grad()
-    def _run(self, plan: StepPlan) -> StepResult:
+    def _lay_out(self, plan: StepPlan) -> Layout:
+        """Write the step's rows into the host buffer: decode rows in slot order, then prompt chunks."""
         rows, decode = self._rows, sorted(plan.decode, key=lambda r: r.slot)
         n = len(decode)
         for i, r in enumerate(decode):
@@ -121,35 +133,41 @@ class ModelRunner:
         rows[LENGTH, :hi] = 1  # idle slots attend to position 0 only
         rows[LENGTH, rows[SLOT, :n]] = rows[POSITION, :n] + 1
         rows[KEEP, :n] = np.arange(n)
-        sampled, chunks, reach = list(decode), [], int(rows[POSITION, :n].max(initial=0)) + 1
+        layout = Layout(decode, list(decode), [], n, hi, int(rows[POSITION, :n].max(initial=0)) + 1)
         for c in plan.chunks:
-            end = n + c.end - c.start
-            rows[IDS, n:end] = c.request.prompt[c.start:c.end]
-            rows[POSITION, n:end] = np.arange(c.start, c.end)
-            rows[SLOT, n:end] = c.request.slot
+            end = layout.n + c.end - c.start
+            rows[IDS, layout.n:end] = c.request.prompt[c.start:c.end]
+            rows[POSITION, layout.n:end] = np.arange(c.start, c.end)
+            rows[SLOT, layout.n:end] = c.request.slot
             causal = torch.arange(c.end, device=self.device)[None, :] <= torch.arange(c.start, c.end,
                                                                                        device=self.device)[:, None]
-            chunks.append(ChunkRows(n, end, c.request.slot, c.end, causal))
+            layout.chunks.append(ChunkRows(layout.n, end, c.request.slot, c.end, causal))
             if c.end == len(c.request.prompt):
-                rows[KEEP, len(sampled)] = end - 1
-                sampled.append(c.request)
-            n, reach = end, max(reach, c.end)
+                rows[KEEP, len(layout.sampled)] = end - 1
+                layout.sampled.append(c.request)
+            layout.n, layout.reach = end, max(layout.reach, c.end)
+        return layout
+
+    @torch.no_grad()
+    def _run(self, plan: StepPlan) -> StepResult:
+        """One forward over the plan and its sampled rows' tokens: one copy in, one transfer out."""
+        layout = self._lay_out(plan)
+        n, hi, sampled = layout.n, layout.hi, layout.sampled
         with self.tasks.lock:
-            mixed = self._policy(decode + [c.request for c in plan.chunks], [1] * len(decode) +
+            mixed = self._policy(layout.decode + [c.request for c in plan.chunks], [1] * len(layout.decode) +
                                  [c.end - c.start for c in plan.chunks])
             width = max(n, hi, len(sampled))
             if self._device is not self._host:
                 self._device[:, :width].copy_(self._host[:, :width], non_blocking=True)
             inputs = self._device
-            decode_len = int(rows[LENGTH, :hi].max(initial=1))
+            decode_len = int(self._rows[LENGTH, :hi].max(initial=1))
             mask = None
             if hi:
                 lengths = inputs[LENGTH, :hi]
                 mask = (torch.arange(decode_len, device=self.device)[None, :] < lengths[:, None])[:, None, None]
-            dense = hi == len(decode)
-            attention = SlotAttention(self.cache, inputs[SLOT, :n], inputs[POSITION, :n], len(decode), hi, dense,
-                                      decode_len, mask, chunks)
-            self.cache.reach(reach)
+            attention = SlotAttention(self.cache, inputs[SLOT, :n], inputs[POSITION, :n], len(layout.decode), hi,
+                                      hi == len(layout.decode), decode_len, mask, layout.chunks)
+            self.cache.reach(layout.reach)
             context: AbstractContextManager[None] = contextlib.nullcontext()
             if mixed is not None:
                 mixed.select(inputs[TASK, :n][None])
@@ -166,9 +184,11 @@ class ModelRunner:
                                             [len(r.tokens) < r.sampling.min_tokens for r in sampled],
                                             [r.generator for r in sampled], self.eos, logits.shape[-1])
         tokens, ok = torch.stack([sampler.sample(logits, batch), finite.long()]).tolist()  # the step's one sync
-        dtype = next(self.model.parameters()).dtype
-        results: StepResult = {r: t if good else non_finite(r, dtype) for r, t, good in zip(sampled, tokens, ok)}
-        return results
+        return {r: t if good else non_finite(r, self.tasks.dtype) for r, t, good in zip(sampled, tokens, ok)}
+
+    def forget_tasks(self) -> None:
+        """Drop the mixed updates built for the current tasks (one may have been registered again)."""
+        self._mixed = None
 
     def _policy(self, requests: list[Request], counts: list[int]) -> MixedTasks | None:
         """Merged weights when the step has one task (after `merge_after` such steps), else per-token updates.
