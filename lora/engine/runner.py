@@ -97,6 +97,10 @@ class ModelRunner:
         self._rows = self._host.numpy()
         self._device = torch.empty_like(self._host, device=self.device) if on_gpu else self._host
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+        self._params = sampler.ParamBuffer(cache.slots, self.device)
+        # A 4D mask is taken as given: transformers then builds none of its own (this attention needs none), and
+        # skips its packed-sequence check, which would sync the host with the GPU at every forward.
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         self._mixed: MixedTasks | None = None
         self._merged_steps = 0
         self._spec: Spec = None
@@ -174,15 +178,15 @@ class ModelRunner:
                 context = mixed.attached()
             with context:
                 logits = self.model(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
-                                    use_cache=False, logits_to_keep=inputs[KEEP, :len(sampled)],
-                                    lora_step=attention).logits[0].float()
+                                    attention_mask=self._no_mask, use_cache=False,
+                                    logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
         if not sampled:
             return {}
         finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
         logits = torch.where(finite[:, None], logits, 0.0)  # the sampler never sees inf or NaN
-        batch = sampler.SamplingBatch.build([r.sampling for r in sampled],
-                                            [len(r.tokens) < r.sampling.min_tokens for r in sampled],
-                                            [r.generator for r in sampled], self.eos, logits.shape[-1])
+        batch = self._params.batch([r.sampling for r in sampled],
+                                   [len(r.tokens) < r.sampling.min_tokens for r in sampled],
+                                   [r.generator for r in sampled], self.eos, logits.shape[-1])
         tokens, ok = torch.stack([sampler.sample(logits, batch), finite.long()]).tolist()  # the step's one sync
         return {r: t if good else non_finite(r, self.tasks.dtype) for r, t, good in zip(sampled, tokens, ok)}
 

@@ -42,17 +42,28 @@ class SamplingBatch:
     any_top_k: bool
     any_top_p: bool
 
-    @classmethod
-    def build(cls, params: list[SamplingParams], ban_eos: list[bool], generators: list[torch.Generator | None],
+
+class ParamBuffer:
+    """Persistent buffers (pinned on a GPU) for the per-row settings: one copy to the device per step."""
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        on_gpu = device.type != "cpu"
+        self.host = torch.zeros(4, rows, dtype=torch.float32, pin_memory=on_gpu)
+        self.device = torch.empty_like(self.host, device=device) if on_gpu else self.host
+        self.rows = self.host.numpy()
+
+    def batch(self, params: list[SamplingParams], ban_eos: list[bool], generators: list[torch.Generator | None],
               eos: torch.Tensor, vocab: int) -> SamplingBatch:
-        """One host-to-device copy for every row's settings."""
-        rows = [(0.0 if p.temperature < GREEDY_BELOW else min(p.temperature, HOTTEST),
-                 TOP_P_OFF if p.top_p >= 1 else p.top_p, min(p.top_k, vocab), float(ban))
-                for p, ban in zip(params, ban_eos)]
-        table = torch.tensor(rows, dtype=torch.float64).to(eos.device, non_blocking=True)
-        return cls(table[:, 0].float(), table[:, 1].float(), table[:, 2].long(), table[:, 3] > 0, eos, generators,
-                   all(r[0] == 0 for r in rows), any(ban_eos), any(r[2] > 0 for r in rows),
-                   any(r[1] < 1 for r in rows))
+        n, rows = len(params), self.rows
+        for i, (p, ban) in enumerate(zip(params, ban_eos)):
+            rows[:, i] = (0.0 if p.temperature < GREEDY_BELOW else min(p.temperature, HOTTEST),
+                          TOP_P_OFF if p.top_p >= 1 else p.top_p, min(p.top_k, vocab), float(ban))
+        if self.device is not self.host:
+            self.device[:, :n].copy_(self.host[:, :n], non_blocking=True)
+        table = self.device[:, :n]
+        return SamplingBatch(table[0], table[1], table[2].long(), table[3] > 0, eos, generators,
+                             not bool(rows[0, :n].any()), any(ban_eos), bool(rows[2, :n].any()),
+                             bool((rows[1, :n] < 1).any()))
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
