@@ -25,7 +25,7 @@ tokens must equal generate's).
 
 Precision (--dtypes). The share of answers equal to the same request alone, per dtype and mode, on the
 uniform workload (nearly every step mixes tasks). Mixed steps compute each token's low-rank update in
-float32 and round once when adding it (layers.mixed_update_hook); one column computes it in the model's
+float32 and round once when adding it (lora.mixed); one column computes it in the model's
 dtype instead, as a plain unmerged LoRA layer would, to show what the float32 update buys. The last
 column compares mixed answers with the same request alone in mixed mode too: what batching changes,
 apart from merged vs unmerged rounding.
@@ -47,7 +47,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the 
 import torch
 
 import lora
-import lora.multitask
 from lora.engine import Engine, SamplingParams
 from lora.models import load_tokenizer, resolve_device, resolve_dtype
 
@@ -290,21 +289,6 @@ def single_stream(mt, model_path, loads):
           + " generate's.")
 
 
-@contextlib.contextmanager
-def update_in(dtype):
-    """Mixed steps compute each token's low-rank update in `dtype` rather than float32 (a bench-only patch)."""
-    original = lora.multitask.mixed_update_hook
-
-    def hook(A, B, scales, selector, embedding=False):
-        return original(A.to(dtype), B.to(dtype), scales.to(dtype), selector, embedding)
-
-    lora.multitask.mixed_update_hook = hook
-    try:
-        yield
-    finally:
-        lora.multitask.mixed_update_hook = original
-
-
 def precision(model_path, paths, dtypes):
     """Per dtype and mode, how many answers of the uniform workload equal the same request alone."""
     requests = list(workloads(list(paths)).values())[1]
@@ -318,8 +302,10 @@ def precision(model_path, paths, dtypes):
         answers = {mode: mt.generate_responses(requests, args.batch_size, mode) for mode in ("merged", "auto", "mixed")}
         same = {mode: agreement(a, reference) for mode, a in answers.items()}
         if dtype != "float32":
-            with update_in(resolve_dtype(dtype)):
-                same["in dtype"] = agreement(mt.generate_responses(requests, args.batch_size, "mixed"), reference)
+            in_dtype = lora.MultiTaskModel(model_path, paths, device=DEVICE, dtype=dtype,
+                                           update_dtype=resolve_dtype(dtype))
+            same["in dtype"] = agreement(in_dtype.generate_responses(requests, args.batch_size, "mixed"), reference)
+            del in_dtype
         # Which differences come from batching itself rather than from merged vs unmerged rounding.
         same["vs mixed alone"] = agreement(answers["mixed"], mt.generate_responses(requests, 1, "mixed"))
         rows.append((dtype, same))

@@ -25,6 +25,7 @@ EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(EXAMPLES)
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+from examples.report import METRIC_NAMES, write_report  # noqa: E402
 from lora import DEFAULT_MODEL, MultiTaskModel, load_model  # noqa: E402
 from lora.checkpoint import adapter_size_bytes, load_training_state  # noqa: E402
 from lora.cli import main as lora_cli  # noqa: E402
@@ -32,7 +33,6 @@ from lora.data import load_prompt_format, load_records  # noqa: E402
 from lora.evaluate import METRICS, evaluate  # noqa: E402
 from lora.models import resolve_model_path  # noqa: E402
 from lora.prompts import user_content  # noqa: E402
-from lora.report import METRIC_NAMES, write_report  # noqa: E402
 
 RUN_DIR = os.path.join(ROOT, "runs", "demo")
 MAPPER = os.path.join(EXAMPLES, "downstream_checkpoint_mapper.json")  # task -> runs/demo/<task>/final

@@ -5,8 +5,10 @@ from .inject import find_targets, inject, lora_layers, lora_parameters, mark_onl
 from .layers import LoraLayer
 from .models import DEFAULT_MODEL, load_model
 from .multitask import MultiTaskModel
-from .train import finetune, finetune_args
+from .train import finetune
+from .train_args import finetune_args
+from .train_config import TrainConfig
 
-__all__ = ["Adapter", "DEFAULT_MODEL", "LoraError", "LoraLayer", "MultiTaskModel", "find_targets", "finetune", "finetune_args",
-           "inject", "load_adapter", "load_model", "lora_layers", "lora_parameters", "mark_only_lora_as_trainable",
-           "merge_and_unload", "read_adapter", "save_adapter"]
+__all__ = ["Adapter", "DEFAULT_MODEL", "LoraError", "LoraLayer", "MultiTaskModel", "TrainConfig", "find_targets",
+           "finetune", "finetune_args", "inject", "load_adapter", "load_model", "lora_layers", "lora_parameters",
+           "mark_only_lora_as_trainable", "merge_and_unload", "read_adapter", "save_adapter"]

@@ -15,6 +15,7 @@ import stat
 from .errors import LoraError
 
 MAX_JSON_BYTES = 8 << 20  # configs, task metadata and mappers are kilobytes; 8 MiB leaves room for any real one
+MAX_DATA_BYTES = 4 << 30  # training and validation data: past 4 GiB, its Python objects would not fit in memory anyway
 
 
 class OutsideRootError(LoraError):

@@ -85,22 +85,3 @@ class LoraLayer(nn.Module):
     def extra_repr(self):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
 
-
-def mixed_update_hook(A, B, scales, selector, embedding=False):
-    """Mixed-task batches: a forward hook adding ((x @ A) * scale) @ B to a module's output, per token.
-
-    A (in, R) and B (R, out) stack every task's adapter along the rank dimension. scales (tasks + 1, R)
-    holds, in row k, task k's scaling on its own rank slice and zero elsewhere (row 0, the base model, is
-    all zero); `selector.index` picks a row for each token (batch, seq) or each row (batch, 1). So the base
-    output is computed once and each token gets only its own task's update, in three kernels per module
-    however many tasks share the batch. The update is computed in A's dtype (float32) and added before
-    the one rounding to the output's dtype.
-    """
-    def hook(module, args, out):
-        x, scale = args[0], scales[selector.index]
-        if x.shape[0] != scale.shape[0]:  # num_beams / num_return_sequences repeat each row
-            scale = scale.repeat_interleave(x.shape[0] // scale.shape[0], dim=0)
-        h = F.embedding(x, A) if embedding else x.to(A.dtype) @ A
-        update = (h * scale) @ B
-        return out.add_(update) if out.dtype == update.dtype else (out.to(update.dtype) + update).to(out.dtype)
-    return hook

@@ -34,6 +34,11 @@ def resolve_dtype(dtype):
     return DTYPES[dtype]
 
 
+def context_length(config) -> int:  # noqa: ANN001 - any transformers PretrainedConfig
+    """Positions the model has: its max_position_embeddings, or 4096 when the config does not say."""
+    return getattr(config, "max_position_embeddings", None) or 4096
+
+
 def smollm2_gguf():
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = spec and os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)

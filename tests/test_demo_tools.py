@@ -6,11 +6,12 @@ import re
 
 import pytest
 
-from tests.conftest import finetune_argv, write_task
+from examples.report import write_report
 from lora import MultiTaskModel
-from lora.cli import base_prompt_format, main
+from lora.cli import main
+from lora.cli.common import base_prompt_format
 from lora.evaluate import evaluate, exact_match, lcs_length, rouge_l
-from lora.report import write_report
+from tests.conftest import finetune_argv, write_task
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +49,20 @@ class ScriptedModel:
     """Stands in for a MultiTaskModel: answers from a table, and records the requests it got."""
 
     def __init__(self, answers):
-        self.answers, self.requests = answers, []
+        self.answers, self.requests, self.calls = answers, [], []
 
     def generate_responses(self, requests, batch_size=16):
-        assert len(requests) <= batch_size
+        self.calls.append((len(requests), batch_size))
         self.requests += requests
         return [self.answers[r["instruction"]] for r in requests]
 
 
-def test_evaluate_scores_every_record_in_batches_with_the_given_prompt_format():
+def test_evaluate_queues_every_record_at_once_with_the_given_prompt_format():
     records = [{"instruction": f"q{i}", "input": "", "output": "yes"} for i in range(5)]
     mt = ScriptedModel({"q0": "yes", "q1": " yes ", "q2": "no", "q3": "yes", "q4": "Yes"})
-    result = evaluate(mt, None, records, "exact_match", batch_size=2, max_new_tokens=3, prompt_format="Q: {instruction}",
-                      progress=False)
+    result = evaluate(mt, None, records, "exact_match", batch_size=2, max_new_tokens=3,
+                      prompt_format="Q: {instruction}")
+    assert mt.calls == [(5, 2)]  # the engine runs 2 at a time and refills a slot as soon as an answer ends
     assert result["score"] == pytest.approx(3 / 5)
     assert result["task"] == "base" and result["n"] == 5
     assert [p["score"] for p in result["predictions"]] == [1, 1, 0, 1, 0]

@@ -7,7 +7,7 @@ import pytest
 from lora import LoraError
 from lora.files import OutsideRootError, read_bytes, read_text
 from lora.inject import read_target_modules
-from lora.multitask import read_mapper
+from lora.registry import read_mapper
 
 
 def call_with_timeout(fn, *args, seconds=10, **kwargs):

@@ -188,7 +188,7 @@ def test_chunked_loss_equals_the_model_loss_with_its_gradients(request, tiny_tok
 
     expected, expected_grads = loss_and_grads(lambda: model(**batch).loss)
     for chunked in (True, False):
-        loss, grads = loss_and_grads(lambda: CausalLMLoss(model, chunked)(batch) / target_count(batch["labels"]))
+        loss, grads = loss_and_grads(lambda chunked=chunked: CausalLMLoss(model, chunked)(batch) / target_count(batch["labels"]))
         assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
         assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(grads, expected_grads))
 
@@ -305,6 +305,70 @@ def test_max_seq_length_past_the_models_context_is_capped(tiny_llama, tmp_path, 
     assert main(["finetune", *argv]) == 0
     err = capsys.readouterr().err
     assert "past the model's context of 256 positions; using 256" in err
+
+
+def test_library_finetune_takes_a_config_and_leaves_it_as_given(tiny_llama, task_dir, tmp_path):
+    config = lora.finetune_args(model_name_or_path=tiny_llama, target_modules_path=task_dir / "target_modules.txt",
+                                prompt_format_path=task_dir / "prompt_format.txt",
+                                train_data_path=task_dir / "train.json", checkpoint_dir=tmp_path / "c",
+                                device="cpu", max_steps=1, max_seq_length=1000)
+    final = lora.finetune(config)
+    assert final == str(tmp_path / "c" / "final")
+    assert config.max_seq_length == 1000 and config.evaluate is None  # the run's own copy was capped, not this one
+    training_args = json.loads((tmp_path / "c" / "final" / "lora_task.json").read_text())["training_args"]
+    assert training_args["max_seq_length"] == 256 and training_args["evaluate"] is False
+    assert training_args["train_data_path"] == str(task_dir / "train.json")
+
+
+def test_library_settings_of_the_wrong_name_or_type_are_refused(tiny_llama, task_dir, tmp_path):
+    required = {"model_name_or_path": tiny_llama, "target_modules_path": task_dir / "target_modules.txt",
+                "train_data_path": task_dir / "train.json"}
+    with pytest.raises(TypeError, match="unknown finetune argument 'lora_r'"):
+        lora.finetune_args(**required, lora_r=8)
+    with pytest.raises(TypeError, match="needs train_data_path"):
+        lora.finetune_args(model_name_or_path=tiny_llama, target_modules_path=task_dir / "target_modules.txt")
+    for field, value, message in (("lora_rank", "8", "--lora_rank must be int, got '8'"),
+                                  ("packing", 1, "--packing must be bool, got 1"),
+                                  ("lr_scheduler", "step", "--lr_scheduler must be one of linear, cosine"),
+                                  ("learning_rate", float("nan"), "--learning_rate must be 0 or more, got nan")):
+        with pytest.raises(lora.LoraError, match=re.escape(message)):
+            lora.finetune(lora.finetune_args(**required, checkpoint_dir=tmp_path / "c", **{field: value}))
+    assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- a damaged training state
+
+@pytest.fixture(scope="module")
+def one_step(tiny_llama, tmp_path_factory):
+    """A finished 2-step run whose step-1/ holds a training state, and the flags that trained it."""
+    from tests.conftest import write_task
+    folder = tmp_path_factory.mktemp("one_step")
+    argv = finetune_argv(tiny_llama, write_task(folder / "task"), folder / "c", "--max_steps", 2, "--save_steps", 1)
+    assert main(["finetune", *argv]) == 0
+    return argv, folder / "c" / "step-1"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"examples_done": -8}, "field 'examples_done' is -8"),
+    ({"step": -1}, "field 'step' is -1"),
+    ({"epoch": 1.5}, "field 'epoch' is a float"),
+    ({"optimizer": None}, "field 'optimizer'"),
+    ({"scheduler": "linear"}, "field 'scheduler'"),
+    ({"optimizer": {"state": {}, "param_groups": []}}, "field 'optimizer' does not fit this run"),
+])
+def test_a_tampered_training_state_is_refused_naming_file_and_field(one_step, tmp_path, capsys, change, message):
+    argv, step_1 = one_step
+    shutil.copytree(step_1, tmp_path / "ckpt")
+    state_path = tmp_path / "ckpt" / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state.update(change)
+    torch.save({k: v for k, v in state.items() if v is not None}, state_path)
+    resume = ["--load_from_checkpoint", str(tmp_path / "ckpt"), "--checkpoint_dir", str(tmp_path / "out")]
+    assert main(["finetune", *argv, *resume]) == 2
+    err = capsys.readouterr().err
+    assert str(state_path) in err and message in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+    assert not (tmp_path / "out" / "final").exists()
 
 
 # ---------------------------------------------------------------- chat data

@@ -3,38 +3,36 @@ import pytest
 import torch
 
 import lora
-from tests.conftest import finetune_argv, make_adapter, write_task
-from lora.cli import main
 from lora.errors import LoraError
 from lora.multitask import MultiTaskModel
-
-TRAIN = ("--learning_rate", "1e-2", "--lora_alpha", "32")
+from tests.conftest import make_adapter
 
 
 @pytest.fixture(scope="module")
 def llama_tasks(tmp_path_factory, tiny_llama):
-    """Three adapters on the tiny Llama; `embed` also adapts the (untied) token embedding."""
+    """Three random adapters on the tiny Llama; `embed` also adapts the (untied) token embedding."""
     root = tmp_path_factory.mktemp("mixed-llama")
-    specs = {"color": ("color", "q_proj\nv_proj\n", 0), "reverse": ("reverse", "q_proj\nv_proj\n", 0),
-             "embed": ("color", "embed_tokens\nq_proj\nk_proj\no_proj\n", 1)}
-    paths = {}
-    for name, (task, targets, seed) in specs.items():
-        folder = write_task(root / f"task-{name}", task, targets=targets, seed=seed)
-        assert main(["finetune", *finetune_argv(tiny_llama, folder, root / name, "--seed", seed, *TRAIN)]) == 0
-        paths[name] = root / name / "final"
-    return tiny_llama, paths
+    targets = {"color": ["q_proj", "v_proj"], "reverse": ["q_proj", "v_proj"],
+               "embed": ["embed_tokens", "q_proj", "k_proj", "o_proj"]}
+    return tiny_llama, {name: make_adapter(tiny_llama, root / name, t, seed)
+                        for seed, (name, t) in enumerate(targets.items())}
 
 
 @pytest.fixture(scope="module")
 def gpt2_tasks(tmp_path_factory, tiny_gpt2):
-    """Two adapters on the tiny GPT-2, whose Conv1D weights are stored transposed."""
+    """Two random adapters on the tiny GPT-2, whose Conv1D weights are stored transposed."""
     root = tmp_path_factory.mktemp("mixed-gpt2")
-    paths = {}
-    for name in ("color", "reverse"):
-        folder = write_task(root / f"task-{name}", name, targets="c_attn\n")
-        assert main(["finetune", *finetune_argv(tiny_gpt2, folder, root / name, *TRAIN)]) == 0
-        paths[name] = root / name / "final"
-    return tiny_gpt2, paths
+    return tiny_gpt2, {name: make_adapter(tiny_gpt2, root / name, ["c_attn"], seed)
+                       for seed, name in enumerate(("color", "reverse"))}
+
+
+def mixed_rows(mt, row_tasks, ids):
+    """Logits of one forward over the base weights where row i gets the update of row_tasks[i] (None: none)."""
+    tasks = sorted({t for t in row_tasks if t is not None})
+    mixed = mt.mix(tasks)
+    mixed.select(torch.tensor([[0 if t is None else tasks.index(t) + 1] for t in row_tasks]))
+    with torch.no_grad(), mt.apply_downstream(None) as model, mixed.attached():
+        return model(ids).logits
 
 
 def requests_for(tasks):
@@ -67,8 +65,7 @@ def test_mixed_batch_leaves_the_model_as_it_was(llama_tasks):
     mt.generate_responses([{**prompt, "downstream": t} for t in ("color", "embed", None)], mode="mixed")
     mt.activate("reverse")
     ids = mt.tokenizer([prompt["prompt"]] * 3, return_tensors="pt")["input_ids"]
-    with mt.mixed_batch(["color", None, "embed"]) as hf_model:
-        rows = hf_model(ids).logits
+    rows = mixed_rows(mt, ["color", None, "embed"], ids)
     with torch.no_grad():
         for i, task in enumerate(["color", None, "embed"]):  # each row got exactly its own task
             with mt.apply_downstream(task) as hf_model:
@@ -103,20 +100,22 @@ def test_half_precision_update_is_rounded_once(tmp_path, tiny_llama, dtype):
     does, makes tokens drift from merged weights more than the one rounding they cannot avoid.
     """
     path = make_adapter(tiny_llama, tmp_path / "adapter", ["q_proj"], seed=0)
-    mt = MultiTaskModel(tiny_llama, {"task": path}, dtype=dtype)
     name, adapter = next(iter(lora.read_adapter(path).modules.items()))
-    module = mt.pretrained_model.get_submodule(name)
     torch.manual_seed(0)
     x = torch.randn(4, 16, adapter.A.shape[1]).to(dtype)
-    mixed = mt.mix(["task"])
-    mixed.select(torch.ones(4, 16, dtype=torch.long))  # every token uses tasks[0]
-    mt.activate(None)
-    with torch.no_grad():
-        base = module(x)
-        with mixed.attached():
-            out = module(x)
+    outputs = {}
+    for update_dtype in (torch.float32, dtype):  # the default, and the update computed in the model's dtype
+        mt = MultiTaskModel(tiny_llama, {"task": path}, dtype=dtype, update_dtype=update_dtype)
+        module = mt.pretrained_model.get_submodule(name)
+        mixed = mt.mix(["task"])
+        mixed.select(torch.ones(4, 16, dtype=torch.long))  # every token uses tasks[0]
+        mt.activate(None)
+        with torch.no_grad():
+            base = module(x)
+            with mixed.attached():
+                outputs[update_dtype] = module(x)
     update = (x.double() @ adapter.A.double().T @ adapter.B.double().T) * adapter.scaling
     exact = (base.double() + update).to(dtype)
-    rounded_twice = base + update.to(dtype)
-    assert (out != exact).float().mean() < 0.01
-    assert (rounded_twice != exact).float().mean() > 0.1  # the test can tell the two apart
+    assert (outputs[torch.float32] != exact).float().mean() < 0.01
+    assert (outputs[dtype] != exact).float().mean() > 0.1  # the test can tell the two apart
+    assert (base + update.to(dtype) != exact).float().mean() > 0.1

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora
-from tests.conftest import PROMPT, THINGS, make_adapter
+from lora.registry import ByteLRU
+from tests.conftest import THINGS, make_adapter
 
 TARGETS = {"qa": ["q_proj", "v_proj"], "sum": "all-linear", "tag": ["o_proj", "up_proj"]}
 
@@ -84,18 +85,20 @@ def test_interrupted_switch_leaves_previous_task_exactly(tiny_llama, adapters, m
     mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
     mt.activate("qa")
     on_qa = weights(mt.pretrained_model)
-    real_merge, calls = mt._merge, {"n": 0}
+    real_addmm, calls = torch.addmm, {"n": 0}
 
-    def merge_then_interrupt(out, base, step):
+    def addmm_then_interrupt(*args, **kwargs):  # each merged weight is one addmm
         calls["n"] += 1
-        real_merge(out, base, step)
+        out = real_addmm(*args, **kwargs)
         if calls["n"] == 5:  # half-way through building the weights for "sum"
             raise KeyboardInterrupt
-    monkeypatch.setattr(mt, "_merge", merge_then_interrupt)
+        return out
+    monkeypatch.setattr(torch, "addmm", addmm_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         mt.activate("sum")
     monkeypatch.undo()
     assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
+    assert mt.normalize("sum") not in mt.cache_info().merged  # the half-built weights are not kept
     mt.activate("sum")
     mt.activate("qa")
     assert same(weights(mt.pretrained_model), on_qa)
@@ -116,6 +119,9 @@ def test_exception_inside_apply_downstream_or_generation_restores(tiny_llama, ad
         mt.generate_response("tag", "What colour is the lamp?")
     mt.activate(None)  # the model was left on a complete task ("tag"); going back is exact
     assert same(weights(mt.pretrained_model), base)
+    monkeypatch.undo()
+    question = {"downstream": "tag", "instruction": "What colour is the lamp?", "max_new_tokens": 6}
+    assert mt.generate_responses([question]) == multitask(tiny_llama, adapters).generate_responses([question])
 
 
 def requests(n=12):
@@ -150,19 +156,21 @@ def test_threads_get_the_outputs_of_sequential_calls(tiny_llama, adapters):
 
 def test_recent_tasks_keep_merged_weights_within_budget(tiny_llama, adapters, monkeypatch):
     merges = []
+    monkeypatch.setattr(torch, "addmm", lambda *a, real=torch.addmm, **k: merges.append(1) or real(*a, **k))
     one_task = multitask(tiny_llama, adapters)
     one_task.activate("sum")  # all-linear: the largest merged weights of the three
-    budget = sum(t.nbytes for t in one_task._merged[one_task._active_key].values())
-    for merged_cache_bytes, rebuilt in [(3 * budget, 3), (budget, 5)]:
+    budget = one_task.cache_info().merged_bytes
+    recent = [(("tag", 1.0),), (("qa", 1.0),), (("sum", 1.0),)]
+    for merged_cache_bytes, rebuilt, kept in [(3 * budget, 3, recent), (budget, 5, recent[-1:])]:
         mt = multitask(tiny_llama, adapters, merged_cache_bytes=merged_cache_bytes)
-        monkeypatch.setattr(mt, "_merge", lambda out, base, step, real=mt._merge: merges.append(1) or real(out, base, step))
         built = []
         for task in ["qa", "sum", "tag", None, "qa", "sum"]:
             before = len(merges)
             mt.activate(task)
             built.append(len(merges) > before)
+            assert mt.cache_info().merged_bytes <= merged_cache_bytes
         assert sum(built) == rebuilt  # with room for all three, going back to a task rebuilds nothing
-        assert sum(t.nbytes for m in mt._merged.values() for t in m.values()) <= merged_cache_bytes
+        assert mt.cache_info().merged == kept
         mt.activate("sum")
         assert same(weights(mt.pretrained_model), weights(one_task.pretrained_model))
 
@@ -175,10 +183,10 @@ def test_thousand_registered_adapters_load_lazily(tiny_llama, adapters, tmp_path
         mapper[f"task{i}"] = str(folder)
     (tmp_path / "mapper.json").write_text(json.dumps({k: os.path.basename(v) for k, v in mapper.items()}))
     mt = multitask(tiny_llama, tmp_path / "mapper.json")
-    assert len(mt.downstreams) == 1000 and len(mt._cache) == 0  # registering reads no adapter
+    assert len(mt.downstreams) == 1000 and mt.cache_info().device == []  # registering reads no adapter
     for task in ["task1", "task998", "task1", "task998"]:
         mt.activate(task)
-    assert set(mt._cache) == {"task1", "task998"}
+    assert mt.cache_info().device == ["task1", "task998"]
     reference = multitask(tiny_llama, adapters)
     reference.activate("qa")
     mt.activate("task1")
@@ -190,13 +198,27 @@ def test_cache_is_bounded_in_bytes_and_evicts_least_recent(tiny_llama, adapters)
     mt = multitask(tiny_llama, adapters, cache_bytes=one + 1, merged_cache_bytes=0)  # every switch reads
     for task in ["qa", "sum", "tag", "qa"]:
         mt.activate(task)
-    assert sum(a.nbytes for a in mt._cache.values()) <= one + 1 or len(mt._cache) == 1
-    assert list(mt._cache)[-1] == "qa"
+        info = mt.cache_info()  # over budget only by the task that was active while this one was read
+        assert info.device[-1] == task and (info.device_bytes <= one + 1 or len(info.device) == 2)
+    assert mt.cache_info().device_bytes == sum(lora.read_adapter(adapters[t]).nbytes for t in mt.cache_info().device)
     reference = multitask(tiny_llama, adapters)
     for task in adapters:
         mt.activate(task)
         reference.activate(task)
         assert same(weights(mt.pretrained_model), weights(reference.pretrained_model))
+
+
+def test_byte_lru_keeps_a_running_total_and_spares_what_it_must_keep():
+    lru = ByteLRU(10, size=len)
+    for key, value in [("a", "xxx"), ("b", "xxxx"), ("c", "xxx")]:
+        lru.put(key, value)
+    assert lru.nbytes == 10 and lru.evict() == []
+    lru.get("a")  # now the most recently used
+    lru.put("d", "xx")
+    assert lru.evict(keep={"b"}) == [("c", "xxx")] and list(lru) == ["b", "a", "d"] and lru.nbytes == 9
+    assert lru.evict(need=6) == [("b", "xxxx"), ("a", "xxx")] and lru.nbytes == 2
+    lru.put("d", "x")  # replacing a value counts its new size
+    assert lru.nbytes == 1 and lru.pop("d") == "x" and lru.nbytes == 0 and len(lru) == 0
 
 
 def test_mapper_forms_and_runtime_registry(tiny_llama, adapters, tmp_path):
@@ -236,3 +258,60 @@ def test_bad_checkpoints_are_rejected_before_any_weight_changes(tiny_llama, othe
         assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
     with pytest.raises(lora.LoraError, match="not found"):
         mt.add_downstream("ghost", tmp_path / "ghost")
+
+
+def with_scale(source, folder, alpha, factor):
+    """A copy of an adapter with lora_alpha set to `alpha` and A and B multiplied by `factor`."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": alpha}))
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_updates_that_overflow_float32_are_refused_naming_file_and_field(tiny_llama, adapters, tmp_path):
+    # alpha / r = 1e39 is beyond float32, though with A and B of 1e-30 every product the file implies is tiny.
+    huge = with_scale(adapters["qa"], tmp_path / "huge", 4e39, 1e-30)
+    mt = multitask(tiny_llama, {**adapters, "huge": huge})
+    mt.activate("qa")
+    on_qa = weights(mt.pretrained_model)
+    config = str(huge / "adapter_config.json")
+    for use in (mt.adapter, mt.activate, lambda task: mt.mix([task]),
+                lambda task: mt.generate_responses([{"downstream": task, "instruction": "hi"}], mode="mixed")):
+        with pytest.raises(lora.LoraError, match=f"{config}: lora_alpha .* scale of 1e\\+39"):
+            use("huge")
+        assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
+    for blend, message in [({"qa": 1e39, "tag": 1.0}, "weights {qa: 1e\\+39, tag: 1} make the update of .* overflow"),
+                           ({"qa": float("inf")}, "weight of task 'qa' must be a finite number, got inf"),
+                           ({"qa": "much"}, "weight of task 'qa' must be a finite number, got 'much'")]:
+        with pytest.raises(lora.LoraError, match=message):
+            mt.activate(blend)
+        assert mt.active == (("qa", 1.0),) and same(weights(mt.pretrained_model), on_qa)
+    assert generate_all(mt)  # the other tasks still answer
+
+
+def test_mixed_updates_are_checked_in_the_dtype_they_are_computed_in(tiny_llama, adapters, tmp_path):
+    big = with_scale(adapters["qa"], tmp_path / "big", 8, 300.0)  # |update| up to ~1e5: float32 only
+    mt = multitask(tiny_llama, {"big": big}, update_dtype=torch.float16)
+    with pytest.raises(lora.LoraError, match="weights {big: 1} make the update of .* overflow float16"):
+        mt.mix(["big"])
+    mt.activate("big")  # merged weights are float32 here: fine
+    assert multitask(tiny_llama, {"big": big}).mix(["big"]).tasks == ("big",)
+
+
+def generate_all(mt):
+    return mt.generate_responses(requests(8), batch_size=4)
+
+
+def test_one_engine_serves_every_call_and_sees_replaced_tasks(tiny_llama, adapters):
+    mt = multitask(tiny_llama, adapters)
+    first = generate_all(mt)
+    assert generate_all(mt) == first and mt.generate_responses(requests(8), batch_size=4, mode="mixed") == first
+    as_tag = [{**r, "downstream": "tag"} for r in requests(8)]
+    tag_answers = mt.generate_responses(as_tag, batch_size=4, mode="mixed")
+    assert tag_answers != first
+    mt.add_downstream("qa", adapters["tag"])  # the same name, another adapter: answers follow the new one
+    replaced = mt.generate_responses(requests(8), batch_size=4, mode="mixed")
+    assert [a for r, a in zip(requests(8), replaced) if r["downstream"] == "qa"] == \
+           [a for r, a in zip(requests(8), tag_answers) if r["downstream"] == "qa"]

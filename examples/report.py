@@ -14,8 +14,8 @@ import json
 import os
 import statistics
 
-from .metrics import read_metrics, train_rows, validation_rows
-from .plots import plot_losses, plot_metrics
+from lora.metrics import read_metrics, train_rows, validation_rows
+from lora.plots import plot_losses, plot_metrics
 
 METRIC_NAMES = {"exact_match": "exact match", "rouge_l": "ROUGE-L F1"}
 
@@ -51,8 +51,8 @@ def size_table(summary):
              f"| base model ({summary['model']}) | {summary['base_parameters'] / 1e6:.1f} M | "
              f"{megabytes(base_bytes)} | 100% |"]
     for t in summary["tasks"]:
-        lines.append(f"| {t['task']} adapter | {t['adapter_parameters'] / 1e6:.2f} M | {megabytes(t['adapter_bytes'])} | "
-                     f"{100 * t['adapter_bytes'] / base_bytes:.2f}% |")
+        lines.append(f"| {t['task']} adapter | {t['adapter_parameters'] / 1e6:.2f} M | "
+                     f"{megabytes(t['adapter_bytes'])} | {100 * t['adapter_bytes'] / base_bytes:.2f}% |")
     return lines
 
 
@@ -125,8 +125,8 @@ def write_report(out_dir, summary):
         lines += ["## Switching tasks", "",
                   f"One `MultiTaskModel` answers the tasks in interleaved order. The base weights are never "
                   f"written: each task's merged weights (W = W0 + s·B·A) are built on first use and kept while they "
-                  f"fit in `merged_cache_bytes`, and a switch points the targeted parameters at them; median switch time "
-                  f"**{statistics.median(switch_ms):.1f} ms** (max {max(switch_ms):.1f} ms).", "",
+                  f"fit in `merged_cache_bytes`, and a switch points the targeted parameters at them; median switch "
+                  f"time **{statistics.median(switch_ms):.1f} ms** (max {max(switch_ms):.1f} ms).", "",
                   *switch_table(switches), ""]
     lines += ["## Example answers", "", "The first test example of each task.", ""]
     for t in tasks:

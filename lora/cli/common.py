@@ -1,0 +1,54 @@
+"""What eval, generate and chat share: the model flags, loading the MultiTaskModel, and which prompt format applies."""
+import argparse
+
+from ..data import load_prompt_format
+from ..multitask import MultiTaskModel
+
+BASE_PROMPT = "the model's chat template around '{instruction}\\n\\n{input}'"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser, base_prompt: str = BASE_PROMPT) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="smollm2-135m", help="local HF model folder, or smollm2-135m")
+    p.add_argument("--mapper", help="JSON file {task: checkpoint dir}, or a folder of checkpoints")
+    p.add_argument("--prompt_format_path", "--prompt-format-path",
+                   help=f"prompt format file (default: the task adapter's own; for the base model {base_prompt})")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=positive_int, help="longest answer, in tokens")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    return p
+
+
+def load_multitask(args: argparse.Namespace) -> MultiTaskModel:
+    return MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+
+
+def task_or_base(name: str | None) -> str | None:
+    return None if name in (None, "", "base") else name
+
+
+def base_prompt_format(tokenizer) -> str | None:  # noqa: ANN001 - any HF tokenizer
+    """The model's own chat template around '{instruction}\n\n{input}': how an instruct model expects a question.
+
+    None when the tokenizer has no chat template (then MultiTaskModel's plain default applies).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.apply_chat_template([{"role": "user", "content": "{instruction}\n\n{input}"}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def prompt_format_for(mt: MultiTaskModel, task: str | None, path: str | None = None) -> tuple[str | None, str]:
+    """(prompt format or None, where it comes from): the file at `path`, else the adapter's, else the base model's."""
+    if path:
+        return load_prompt_format(path), f"prompt format {path}"
+    if task is not None:
+        return None, "the adapter's prompt format"
+    fmt = base_prompt_format(mt.tokenizer)
+    return fmt, "the model's chat template" if fmt else "the plain default prompt format"

@@ -1,0 +1,37 @@
+"""`lora eval`: score a task adapter (or the base model) on a test set."""
+import argparse
+import json
+import os
+import sys
+
+from ..evaluate import METRICS, evaluate
+from .common import add_model_arguments, load_multitask, positive_int, prompt_format_for, task_or_base
+
+
+def run(args: argparse.Namespace) -> None:
+    task = task_or_base(args.task)
+    prompt_format_path = args.prompt_format_path
+    beside_data = os.path.join(os.path.dirname(args.test_data_path), "prompt_format.txt")
+    if task is None and not prompt_format_path and os.path.exists(beside_data):
+        prompt_format_path = beside_data  # a task folder's own prompt: the base model is judged on the same prompt
+    mt = load_multitask(args)
+    prompt_format, how = prompt_format_for(mt, task, prompt_format_path)
+    result = evaluate(mt, task, args.test_data_path, args.metric, args.batch_size, args.max_new_tokens, prompt_format)
+    print(f"{result['task']}: {args.metric} {result['score']:.3f} on {result['n']} examples of {args.test_data_path} "
+          f"({how}, {result['seconds']:.0f} s)")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump({"model": args.model, "test_data_path": args.test_data_path, **result}, f, indent=2,
+                      ensure_ascii=False)
+        print(f"Wrote predictions to {args.output}", file=sys.stderr)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add_model_arguments(p, base_prompt="prompt_format.txt beside the test data, else its chat template")
+    p.add_argument("--task", help="task name from the mapper; omit or 'base' for the base model")
+    p.add_argument("--test_data_path", "--data", required=True, help="Alpaca-format JSON list or JSONL with outputs")
+    p.add_argument("--metric", default="exact_match", choices=list(METRICS))
+    p.add_argument("--batch_size", "--batch-size", type=positive_int, default=16)
+    p.add_argument("--output", help="write score and every prediction to this JSON file")
+    return p

@@ -1,0 +1,60 @@
+"""`lora serve`: the OpenAI-compatible server over one base model and its task adapters."""
+import argparse
+import os
+import sys
+
+from ..engine import Engine
+from ..errors import LoraError
+from ..multitask import MultiTaskModel
+
+
+def run(args: argparse.Namespace) -> None:
+    try:  # the serve extra is optional: say how to get it
+        from ..serve import create_app
+        from ..serve import run as serve
+    except ImportError as e:
+        raise LoraError(f"lora serve needs the serve extra ({e.name} is missing): "
+                        "pip install 'lora-pytorch[serve]'") from None
+    for flag, value, least in (("--max-num-seqs", args.max_num_seqs, 1), ("--max-tokens-cap", args.max_tokens_cap, 1),
+                               ("--max-prompts", args.max_prompts, 1), ("--max-model-len", args.max_model_len, 2),
+                               ("--max-waiting", args.max_waiting, 0), ("--kv-cache-bytes", args.kv_cache_bytes, 1),
+                               ("--max-num-batched-tokens", args.max_num_batched_tokens, 1)):
+        if value is not None and value < least:
+            raise LoraError(f"{flag} must be at least {least}, got {value}")
+    if args.adapter_root and not os.path.isdir(args.adapter_root):
+        raise LoraError(f"--adapter-root {args.adapter_root} is not a folder")
+    mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+    settings = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
+                "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens}
+    engine = Engine(mt, **{k: v for k, v in settings.items() if v is not None})  # unset: the engine's defaults
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    app = create_app(mt, engine, served_model_name=name, adapter_root=args.adapter_root,
+                     api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap,
+                     max_prompts=args.max_prompts or args.max_num_seqs, context_length=args.max_model_len)
+    print(f"Serving {name} with tasks: {', '.join(mt.downstreams) or 'none'}", file=sys.stderr)
+    serve(app, args.host, args.port)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="smollm2-135m", help="local HF model folder, or smollm2-135m")
+    p.add_argument("--served-model-name", help="the base model's id in /v1/models (default: the model folder's name)")
+    p.add_argument("--mapper", help="JSON file {task: checkpoint dir}, or a folder of checkpoints")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapter-root", help="the folder /v1/load_lora_adapter may load from (default: loading is off)")
+    p.add_argument("--api-key", default=os.environ.get("LORA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORA_API_KEY)")
+    p.add_argument("--max-tokens-cap", type=int, default=512, help="the most tokens one request may ask for")
+    p.add_argument("--max-prompts", type=int, help="the most prompts x n in one request (default: --max-num-seqs)")
+    p.add_argument("--max-num-seqs", "--max-batch-size", type=int, default=16,
+                   help="the most requests the engine runs together")
+    p.add_argument("--max-model-len", type=int,
+                   help="prompt plus completion tokens per request (default: the model's context, at most 4096)")
+    p.add_argument("--kv-cache-bytes", type=int, help="the KV cache's size in bytes (default: the engine's)")
+    p.add_argument("--max-num-batched-tokens", type=int,
+                   help="prompt tokens prefilled per engine step; longer prompts are split over steps")
+    p.add_argument("--max-waiting", type=int,
+                   help="requests that may wait for the engine (default: the engine's); past it, 429 with Retry-After")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    return p

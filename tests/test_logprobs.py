@@ -1,0 +1,80 @@
+"""Logprobs: log_softmax of the float32 logits (after the mask), prompt logprobs for echo, OpenAI's shapes."""
+import json
+
+import pytest
+import torch
+
+import lora
+from lora.logprobs import FLOOR, chat_logprobs, completion_logprobs, prompt_logprobs, token_logprobs
+from lora.structured import apply_masks, guide, request_constraint
+
+
+def reference_logprobs(logits):
+    """log_softmax computed another way: in float64, from logsumexp."""
+    logits = logits.double()
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def test_sampled_token_logprobs_and_top_logprobs_equal_log_softmax_of_the_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 300) * 4
+    sampled = [3, 250, 17, 0]
+    entries = token_logprobs(logits, sampled, top=[0, 5, 1, 20])
+    expected = reference_logprobs(logits)
+    assert [e.token_id for e in entries] == sampled
+    for row, (entry, k) in enumerate(zip(entries, [0, 5, 1, 20])):
+        assert entry.logprob == pytest.approx(expected[row, sampled[row]].item(), abs=1e-5)
+        assert list(entry.top) == expected[row].topk(k).indices.tolist()  # most likely first
+        for token, logprob in entry.top.items():
+            assert logprob == pytest.approx(expected[row, token].item(), abs=1e-5)
+
+
+def test_logprobs_after_a_mask_are_over_the_allowed_tokens(tiny_tokenizer):
+    grammar = guide(tiny_tokenizer).compile(request_constraint({"guided_choice": ["red", "blue"]}))
+    logits = torch.randn(2, len(tiny_tokenizer))
+    apply_masks(logits, [grammar.matcher(), None])
+    allowed = logits[0].isfinite()
+    token = int(allowed.nonzero()[0])
+    masked, free = token_logprobs(logits, [token, token], top=len(tiny_tokenizer))
+    assert masked.logprob == pytest.approx(reference_logprobs(logits[0][allowed])[allowed[:token].sum()].item(), abs=1e-5)
+    assert sum(torch.tensor(list(masked.top.values())).exp()) == pytest.approx(1, abs=1e-5)
+    assert masked.logprob > free.logprob  # the mask moved the forbidden tokens' probability onto the allowed ones
+    # forbidden tokens are -inf, which JSON cannot hold: reported as FLOOR
+    shaped = completion_logprobs(tiny_tokenizer, [masked])
+    json.dumps(shaped, allow_nan=False)
+    assert min(shaped["top_logprobs"][0].values()) == FLOOR
+
+
+@torch.no_grad()
+def test_prompt_logprobs_sum_to_the_models_own_loss(tiny_llama):
+    model, tokenizer = lora.load_model(tiny_llama)
+    ids = tokenizer("What colour is the tiger? orange")["input_ids"]
+    out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids]))
+    entries = prompt_logprobs(out.logits[0].float(), ids, top=2)
+    assert entries[0].logprob is None and entries[0].token_id == ids[0]
+    total = sum(e.logprob for e in entries[1:])
+    assert total == pytest.approx(-out.loss.item() * (len(ids) - 1), abs=1e-4)
+    assert [e.token_id for e in entries] == ids and all(len(e.top) == 2 for e in entries[1:])
+
+
+def test_completion_logprobs_have_openais_shape(tiny_tokenizer):
+    ids = tiny_tokenizer("the red apple")["input_ids"]
+    torch.manual_seed(1)
+    entries = prompt_logprobs(torch.randn(len(ids), len(tiny_tokenizer)), ids, top=1)
+    shaped = completion_logprobs(tiny_tokenizer, entries)
+    assert "".join(shaped["tokens"]) == "the red apple"
+    assert shaped["text_offset"] == [sum(len(t) for t in shaped["tokens"][:i]) for i in range(len(ids))]
+    assert shaped["token_logprobs"][0] is None and shaped["top_logprobs"][0] is None
+    for token, logprob, top in zip(shaped["tokens"][1:], shaped["token_logprobs"][1:], shaped["top_logprobs"][1:]):
+        assert top[token] == logprob and 1 <= len(top) <= 2  # the top one, and the chosen one when it is not
+    assert completion_logprobs(tiny_tokenizer, entries[1:], text_offset=5)["text_offset"][0] == 5
+
+
+def test_chat_logprobs_have_openais_shape_with_exact_bytes(tiny_tokenizer):
+    ids = tiny_tokenizer("blue river é")["input_ids"]
+    entries = token_logprobs(torch.randn(len(ids), len(tiny_tokenizer)), ids, top=3)
+    content = chat_logprobs(tiny_tokenizer, entries)["content"]
+    assert bytes(b for c in content for b in c["bytes"]) == "blue river é".encode()
+    assert [c["logprob"] for c in content] == [e.logprob for e in entries]
+    assert all(len(c["top_logprobs"]) == 3 and set(c["top_logprobs"][0]) == {"token", "logprob", "bytes"}
+               for c in content)

@@ -1,0 +1,237 @@
+"""Constrained decoding: sampled answers always satisfy the request's schema, regex or choices; bad ones are refused."""
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+
+import lora
+from lora.errors import LoraError
+from lora.evaluate import evaluate
+from lora.structured import (
+    Constraint,
+    apply_masks,
+    check_response_schema,
+    guide,
+    load_response_schema,
+    request_constraint,
+)
+from tests.conftest import make_adapter
+
+EXTRACTION = Path(__file__).resolve().parent.parent / "examples" / "extraction"
+SCHEMA = {"type": "object",
+          "properties": {"color": {"enum": ["red", "green", "blue"]},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 20},
+                         "ok": {"type": "boolean"}},
+          "required": ["color", "n", "ok"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    model, tokenizer = lora.load_model(tiny_llama)
+    return model.eval(), tokenizer
+
+
+def compiled(tokenizer, body, default_schema=None):
+    return guide(tokenizer).compile(request_constraint(body, default_schema))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, matchers, max_tokens, temperature=1.0, seed=0):
+    """Decode one row per matcher (None: a free row) with the model's KV cache, masks and torch.multinomial.
+
+    Returns (answers, complete): a row is complete when its grammar is finished or it sampled eos.
+    """
+    prompt = tokenizer("### Response:\n")["input_ids"]
+    rows = len(matchers)
+    generator = torch.Generator().manual_seed(seed)
+    out = model(input_ids=torch.tensor([prompt] * rows), use_cache=True)
+    answers, live = [[] for _ in range(rows)], [True] * rows
+    for _ in range(max_tokens):
+        logits = out.logits[:, -1].float()
+        apply_masks(logits, [m if alive else None for m, alive in zip(matchers, live)])
+        if temperature:
+            tokens = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+        else:
+            tokens = logits.argmax(-1)
+        for i, token in enumerate(tokens.tolist()):
+            if not live[i]:
+                continue
+            if token == tokenizer.eos_token_id:
+                live[i] = False
+                continue
+            answers[i].append(token)
+            if matchers[i] is not None:
+                matchers[i].advance(token)
+                live[i] = not matchers[i].is_finished()
+        if not any(live):
+            break
+        out = model(input_ids=tokens[:, None], cache=out.cache, use_cache=True)
+    return [tokenizer.decode(a) for a in answers], [not alive for alive in live]
+
+
+def test_a_thousand_answers_sampled_at_temperature_1_all_validate_against_the_schema(tiny):
+    model, tokenizer = tiny
+    grammar = compiled(tokenizer, {"response_format": {"type": "json_schema",
+                                                       "json_schema": {"name": "x", "schema": SCHEMA}}})
+    answers, complete = generate(model, tokenizer, [grammar.matcher() for _ in range(1000)], max_tokens=60)
+    assert all(complete)
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), SCHEMA)
+    assert len(set(answers)) > 50  # sampled, not one forced answer (126 answers are possible)
+
+
+def test_regex_choice_and_json_object_constrain_every_sampled_answer(tiny):
+    model, tokenizer = tiny
+    cases = [({"guided_regex": r"[a-c]{2}-[0-9]{1,2}"}, lambda a: re.fullmatch(r"[a-c]{2}-[0-9]{1,2}", a)),
+             ({"guided_choice": ["yes", "no", "maybe so"]}, lambda a: a in ("yes", "no", "maybe so")),
+             ({"structured_outputs": {"choice": ["up", "down"]}}, lambda a: a in ("up", "down")),
+             ({"guided_json": json.dumps({"type": "array", "items": {"type": "boolean"}, "maxItems": 3})},
+              lambda a: isinstance(json.loads(a), list) and len(json.loads(a)) <= 3)]
+    for body, valid in cases:
+        grammar = compiled(tokenizer, body)
+        answers, complete = generate(model, tokenizer, [grammar.matcher() for _ in range(50)], max_tokens=40, seed=1)
+        assert all(complete) and all(valid(a) for a in answers), (body, answers)
+    # json_object: any JSON object; a random model may write one longer than the budget, so check what finished
+    grammar = compiled(tokenizer, {"response_format": {"type": "json_object"}})
+    answers, complete = generate(model, tokenizer, [grammar.matcher() for _ in range(50)], max_tokens=40, seed=2)
+    assert any(complete)
+    assert all(isinstance(json.loads(a), dict) for a, done in zip(answers, complete) if done)
+
+
+def test_a_constrained_row_decodes_the_same_alone_and_beside_free_rows_which_it_leaves_unchanged(tiny):
+    model, tokenizer = tiny
+    grammar = compiled(tokenizer, {"guided_json": SCHEMA})
+    alone, _ = generate(model, tokenizer, [grammar.matcher()], max_tokens=60, temperature=0)
+    mixed, _ = generate(model, tokenizer, [None, grammar.matcher(), None], max_tokens=60, temperature=0)
+    free, _ = generate(model, tokenizer, [None], max_tokens=60, temperature=0)
+    assert mixed[1] == alone[0]
+    assert mixed[0] == mixed[2] == free[0] != alone[0]
+
+    logits = torch.randn(3, model.config.vocab_size)
+    masked = logits.clone()
+    matcher = grammar.matcher()
+    apply_masks(masked, [None, matcher, None])
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    allowed = matcher.allowed_mask(model.config.vocab_size)
+    assert torch.equal(masked[1].isfinite(), allowed) and 0 < allowed.sum() < allowed.numel()
+    assert torch.equal(masked[1][allowed], logits[1][allowed])
+
+
+def test_a_token_the_grammar_forbids_fails_only_its_own_request(tiny_tokenizer):
+    grammar = compiled(tiny_tokenizer, {"guided_choice": ["red", "blue"]})
+    broken, fine = grammar.matcher(), grammar.matcher()
+    forbidden = int((~broken.allowed_mask(len(tiny_tokenizer))).nonzero()[0])
+    with pytest.raises(LoraError, match=f"token {forbidden} breaks the request's grammar"):
+        broken.advance(forbidden)
+    assert broken.error
+    logits = torch.randn(3, len(tiny_tokenizer))
+    masked = logits.clone()
+    assert apply_masks(masked, [broken, fine, None]) == [0]
+    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    assert torch.equal(masked[1].isfinite(), fine.allowed_mask(len(tiny_tokenizer)))
+
+
+def test_the_task_default_schema_applies_unless_the_request_asks_otherwise():
+    task_schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    assert request_constraint({}, task_schema).schema == task_schema
+    assert request_constraint({}) is None
+    assert request_constraint({"response_format": {"type": "text"}}, task_schema) is None
+    assert request_constraint({"guided_regex": "x+"}, task_schema) == Constraint("regex", "x+")
+    assert request_constraint({"response_format": {"type": "json_object"}}).schema == {"type": "object"}
+    # property order is the order the answer writes them in: two orders are two grammars
+    first, second = (request_constraint({"guided_json": {"properties": dict(p)}})
+                     for p in ([("a", {}), ("b", {})], [("b", {}), ("a", {})]))
+    assert first != second
+
+
+def test_a_grammar_is_compiled_once_per_schema_and_tokenizer(tiny_tokenizer):
+    one = compiled(tiny_tokenizer, {"guided_json": SCHEMA})
+    assert compiled(tiny_tokenizer, {"guided_json": json.dumps(SCHEMA)}) is one
+    assert compiled(tiny_tokenizer, {"guided_json": {**SCHEMA, "required": ["n"]}}) is not one
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"guided_json": {"type": "strnig"}}, "guided_json: the JSON schema cannot be compiled: Invalid type: strnig"),
+    ({"guided_json": {"type": "string", "minLength": 5, "maxLength": 2}}, "Unsatisfiable schema"),
+    ({"guided_json": {"properties": {"a": {"$ref": "#/$defs/missing"}}}}, "does not exist"),
+    ({"guided_json": "{not json"}, "guided_json is not valid JSON"),
+    ({"guided_json": [1, 2]}, "guided_json must be a JSON schema object, got list"),
+    ({"guided_regex": "(a"}, "guided_regex: the regex cannot be compiled"),
+    ({"guided_choice": []}, "guided_choice must be a non-empty list"),
+    ({"guided_grammar": "start: ("}, "guided_grammar: the grammar cannot be compiled"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, '"schema": {...}'),
+    ({"response_format": {"type": "xml"}}, "response_format must be"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "gives response_format and guided_regex"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "gives regex and choice"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "unsupported keys ['whitespace_pattern']"),
+])
+def test_a_bad_constraint_is_refused_with_a_message_naming_the_problem(tiny_tokenizer, body, message):
+    with pytest.raises(LoraError, match=re.escape(message)):
+        compiled(tiny_tokenizer, body)
+
+
+def test_a_task_response_schema_is_checked_when_stored(tmp_path):
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    assert load_response_schema(str(path)) == SCHEMA
+    path.write_text('{"type": "integer", "minimum": 5, "maximum": 1}')
+    with pytest.raises(LoraError, match=r"--response_schema .*schema.json: the JSON schema cannot be compiled"):
+        load_response_schema(str(path))
+    path.write_text("{")
+    with pytest.raises(LoraError, match="is not valid JSON"):
+        load_response_schema(str(path))
+    with pytest.raises(LoraError, match="no such file"):
+        load_response_schema(str(tmp_path / "missing.json"))
+    with pytest.raises(LoraError, match="lora_task.json: response_schema must be a JSON schema object"):
+        check_response_schema("string", "lora_task.json: response_schema")
+
+
+def test_the_extraction_example_schema_accepts_every_answer_in_its_data():
+    validator = jsonschema.Draft202012Validator(load_response_schema(str(EXTRACTION / "schema.json")))
+    for split in ("train", "validation", "test"):
+        for record in json.loads((EXTRACTION / f"{split}.json").read_text(encoding="utf-8")):
+            validator.validate(json.loads(record["output"]))
+
+
+# ---------------------------------------------------------------- lora eval: json_valid and schema_valid
+
+class ScriptedModel:
+    """Answers each instruction as scripted; its one task has `meta` as lora_task.json."""
+
+    def __init__(self, answers, meta):
+        self.answers, self.meta = answers, meta
+
+    def generate_responses(self, requests, batch_size=16):
+        return [self.answers[r["instruction"]] for r in requests]
+
+    def task_meta(self, name):
+        return self.meta
+
+
+ANSWERS = {"valid": '{"color": "red", "n": 3, "ok": true}', "other json": '{"color": "pink", "n": 3, "ok": true}',
+           "fenced": '```json\n{"color": "red", "n": 3, "ok": true}\n```', "prose": "The colour is red."}
+
+
+def test_lora_eval_scores_json_validity_and_validity_against_the_tasks_schema():
+    records = [{"instruction": k, "input": "", "output": ANSWERS["valid"]} for k in ANSWERS]
+    mt = ScriptedModel(ANSWERS, {"response_schema": SCHEMA})
+    kwargs = dict(max_new_tokens=8)
+    assert evaluate(mt, "t", records, "json_valid", **kwargs)["score"] == 2 / 4
+    result = evaluate(mt, "t", records, "schema_valid", **kwargs)
+    assert [p["score"] for p in result["predictions"]] == [1, 0, 0, 0]
+    assert evaluate(mt, None, records, "schema_valid", schema={"type": "object"}, **kwargs)["score"] == 2 / 4
+    with pytest.raises(LoraError, match="the base model has no response_schema in lora_task.json"):
+        evaluate(mt, None, records, "schema_valid", **kwargs)
+    with pytest.raises(LoraError, match="not a valid JSON schema"):
+        evaluate(mt, "t", records, "schema_valid", schema={"type": 5}, **kwargs)
+
+
+def test_a_response_schema_added_to_lora_task_json_reaches_the_task(tiny_llama, tmp_path):
+    make_adapter(tiny_llama, tmp_path / "t", ["q_proj"], seed=0)
+    task_file = tmp_path / "t" / "lora_task.json"
+    task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": SCHEMA}))
+    mt = lora.MultiTaskModel(tiny_llama, {"t": str(tmp_path / "t")})
+    assert request_constraint({}, mt.task_meta("t").get("response_schema")).schema == SCHEMA
