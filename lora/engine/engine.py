@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoraError
+from ..models import context_length
 from .kv_cache import SlotCache, kv_bytes_per_token
 from .output import OutputProcessor, eos_ids
 from .request import EngineDead, Output, Request, SamplingParams
@@ -53,7 +54,7 @@ class Engine:
                  mode: str = "auto", merge_after: int = 8, max_waiting_tokens: int = 1 << 22,
                  max_loras: int | None = None, aging_steps: int = 32, enable_prefix_caching: bool = True) -> None:
         self.tasks, self.model, self.tokenizer = tasks, tasks.pretrained_model, tasks.tokenizer
-        context = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        context = context_length(self.model.config)
         self.max_model_len = max_model_len or min(context, 4096)
         if self.max_model_len > context:
             raise LoraError(f"max_model_len {self.max_model_len} is over the model's context of {context} tokens")
