@@ -5,6 +5,7 @@ import pytest
 from lora.engine import QueueFull, SamplingParams
 from lora.engine.request import Request
 from lora.engine.scheduler import Scheduler
+from lora.errors import LoraError
 
 
 class Slots:
@@ -106,7 +107,7 @@ def test_max_loras_bounds_the_tasks_of_a_step():
         scheduler.add(request(name, task))
     run(scheduler)
     assert names(scheduler.running) == ["a", "b", "d", "e"]
-    with pytest.raises(Exception, match="max_loras"):
+    with pytest.raises(LoraError, match="max_loras"):
         Scheduler(Slots(8), can_mix, max_loras=1).add(request("blend", "qa+sum"))
 
 
@@ -141,3 +142,5 @@ def test_waiting_budgets_refuse_with_queue_full():
     run(scheduler)  # "a" is admitted: its 4 tokens no longer count
     assert scheduler.waiting_tokens == 6
     scheduler.add(request("c", prompt=4))
+    with pytest.raises(LoraError, match="over the 10 prompt tokens"):  # never fits: a 400, not a 429
+        Scheduler(Slots(1), can_mix, max_waiting_tokens=10).add(request("d", prompt=11))

@@ -88,6 +88,9 @@ class Scheduler:
         """Queue a request, or raise QueueFull when a waiting budget (requests, prompt tokens) is spent.
 
         budget=False queues it whatever is waiting (a caller that holds all its prompts anyway: generate)."""
+        if budget and len(request.prompt) > self.max_waiting_tokens:  # it would never fit: not worth a retry
+            raise LoraError(f"the prompt's {len(request.prompt)} tokens are over the {self.max_waiting_tokens} prompt "
+                            "tokens this engine queues (max_waiting_tokens); shorten the prompt")
         if budget and len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already; try again shortly")
         if budget and self.waiting_tokens + len(request.prompt) > self.max_waiting_tokens:
