@@ -252,3 +252,19 @@ def test_a_shared_prompt_prefix_is_computed_once_per_task(mt, tiny_llama, tmp_pa
         assert engine.generate([second], ["again"], GREEDY)[0].new_token_ids == alone(mt, second, "again")
     finally:
         mt.remove_downstream("again")
+
+
+def test_a_blend_is_not_starved_by_a_steady_stream_of_one_task(mt):
+    engine = Engine(mt, max_num_seqs=2, aging_steps=4)
+    outputs, tokens, on_output = collector()
+    short = SamplingParams(max_tokens=3, min_tokens=3)
+    engine.add_request(prompt(mt, 0), "qa", short, on_output)
+    engine.step()
+    blend = engine.add_request(prompt(mt, 1), {"qa": 0.5, "sum": 0.5}, GREEDY, on_output)
+    for step in range(60):  # a new "qa" request every step: there is always one running
+        engine.add_request(prompt(mt, 2 + step % 5), "qa", short, on_output)
+        engine.step()
+        if blend in outputs and outputs[blend].finished:
+            break
+    assert outputs[blend].finish_reason == "length"
+    assert tokens[blend] == alone(mt, prompt(mt, 1), {"qa": 0.5, "sum": 0.5})
