@@ -142,7 +142,7 @@ class Job:
                 self.serving.engine.abort(request_id)
 
     def _observe(self, index, out):
-        m, now, tokens = self.serving.metrics, time.monotonic(), len(out.token_ids)
+        m, now, tokens = self.serving.metrics, time.monotonic(), out.num_tokens
         previous = self.token_times.get(index)  # (when, how many tokens) at the choice's last new tokens
         if tokens and previous is None:
             m.ttft.labels(self.label).observe(now - self.arrived)
@@ -158,7 +158,7 @@ class Job:
 
     def usage(self, outputs=None):
         prompt = sum(self.prompt_tokens)
-        completion = sum(len(out.token_ids) for out in (outputs or self.last.values()))
+        completion = sum(out.num_tokens for out in (outputs or self.last.values()))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
