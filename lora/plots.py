@@ -16,7 +16,8 @@ def _pyplot() -> Any:  # matplotlib.pyplot, or None without the plot extra
     return plt
 
 
-def plot_losses(runs: dict[str, str], png_path: str | os.PathLike[str], title: str = "LoRA finetuning") -> str | os.PathLike[str] | None:
+def plot_losses(runs: dict[str, str], png_path: str | os.PathLike[str],
+                title: str = "LoRA finetuning") -> str | os.PathLike[str] | None:
     """runs: {label: metrics.jsonl path}. Train loss per step (solid), validation loss per epoch (dots)."""
     plt = _pyplot()
     if plt is None:

@@ -26,7 +26,7 @@ def prompt(mt, i, words=1):
 
 
 def alone(mt, ids, task, sampling=GREEDY):
-    return Engine(mt, max_num_seqs=1).generate([ids], [task], sampling)[0].token_ids
+    return Engine(mt, max_num_seqs=1).generate([ids], [task], sampling)[0].new_token_ids
 
 
 def run_until_done(engine, outputs, ids, steps=200):
@@ -39,23 +39,28 @@ def run_until_done(engine, outputs, ids, steps=200):
 
 
 def collector():
-    outputs = {}
-    return outputs, lambda out: outputs.__setitem__(out.request_id, out)
+    """(last Output per request id, every token id per request id, the callback that fills both)."""
+    outputs, tokens = {}, {}
+
+    def on_output(out):
+        outputs[out.request_id] = out
+        tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return outputs, tokens, on_output
 
 
 def test_mixed_tasks_and_staggered_arrivals_answer_as_each_request_alone(mt):
     tasks = ["qa", None, "sum", "emb", "qa", {"qa": 0.5, "sum": 0.5}, "sum", None]
     prompts = [prompt(mt, i, 1 + i % 4) for i in range(len(tasks))]
     engine = Engine(mt, max_num_seqs=4, max_prefill_tokens=6, merge_after=2)
-    outputs, on_output = collector()
+    outputs, tokens, on_output = collector()
     ids = []
-    for i, (ids_, task) in enumerate(zip(prompts, tasks)):  # a new request every other step
+    for ids_, task in zip(prompts, tasks):  # a new request every other step
         ids.append(engine.add_request(ids_, task, GREEDY, on_output))
         engine.step()
         engine.step()
     run_until_done(engine, outputs, ids)
     for i, (ids_, task) in enumerate(zip(prompts, tasks)):
-        assert outputs[ids[i]].token_ids == alone(mt, ids_, task), f"request {i} ({task})"
+        assert tokens[ids[i]] == alone(mt, ids_, task), f"request {i} ({task})"
     # The adapters matter: one prompt answered differently per task.
     answers = {str(t): tuple(alone(mt, prompts[0], t)) for t in ("qa", "sum", "emb", None)}
     assert len(set(answers.values())) == 4
@@ -63,7 +68,7 @@ def test_mixed_tasks_and_staggered_arrivals_answer_as_each_request_alone(mt):
 
 def test_short_request_joins_and_leaves_while_a_long_one_runs(mt):
     engine = Engine(mt, max_num_seqs=4)
-    outputs, on_output = collector()
+    outputs, tokens, on_output = collector()
     long_id = engine.add_request(prompt(mt, 0, 3), "qa", SamplingParams(max_tokens=60, min_tokens=60), on_output)
     for _ in range(10):
         engine.step()
@@ -74,28 +79,28 @@ def test_short_request_joins_and_leaves_while_a_long_one_runs(mt):
         steps += 1
     assert steps == 3  # prefill + first token, then two decode steps: it never waited for the long one
     assert not outputs[long_id].finished and engine.stats()["running"] == 1
-    assert outputs[short_id].token_ids == alone(mt, prompt(mt, 1), "sum", SamplingParams(max_tokens=3, min_tokens=3))
+    assert tokens[short_id] == alone(mt, prompt(mt, 1), "sum", SamplingParams(max_tokens=3, min_tokens=3))
 
 
 def test_chunked_prefill_keeps_decoding_others_every_step(mt):
     engine = Engine(mt, max_num_seqs=2, max_prefill_tokens=4)
-    outputs, on_output = collector()
+    outputs, tokens, on_output = collector()
     first = engine.add_request(prompt(mt, 2), None, SamplingParams(max_tokens=40, min_tokens=40), on_output)
     while first not in outputs:  # its own prompt takes two steps of 4 tokens
         engine.step()
     long_prompt = prompt(mt, 3, words=12)
     second = engine.add_request(long_prompt, "qa", GREEDY, on_output)
     for step in range(len(long_prompt) // 4):
-        before = len(outputs[first].token_ids)
+        before = len(tokens[first])
         engine.step()
-        assert len(outputs[first].token_ids) == before + 1, f"decoding stalled at step {step}"
+        assert len(tokens[first]) == before + 1, f"decoding stalled at step {step}"
     run_until_done(engine, outputs, [first, second])
-    assert outputs[second].token_ids == alone(mt, long_prompt, "qa")
+    assert tokens[second] == alone(mt, long_prompt, "qa")
 
 
 def test_abort_frees_the_slot_at_the_next_step(mt):
     engine = Engine(mt, max_num_seqs=2)
-    outputs, on_output = collector()
+    outputs, tokens, on_output = collector()
     gone = engine.add_request(prompt(mt, 4), "qa", SamplingParams(max_tokens=50, min_tokens=50), on_output)
     kept = engine.add_request(prompt(mt, 5), "sum", GREEDY, on_output)
     waiting = engine.add_request(prompt(mt, 6), None, GREEDY, on_output)
@@ -106,14 +111,14 @@ def test_abort_frees_the_slot_at_the_next_step(mt):
     assert outputs[gone].finished and outputs[gone].finish_reason == "abort"
     assert engine.stats()["running"] == 2 and engine.stats()["waiting"] == 0  # the freed slot was taken at once
     run_until_done(engine, outputs, [kept, waiting])
-    assert outputs[kept].token_ids == alone(mt, prompt(mt, 5), "sum")
-    assert outputs[waiting].token_ids == alone(mt, prompt(mt, 6), None)
+    assert tokens[kept] == alone(mt, prompt(mt, 5), "sum")
+    assert tokens[waiting] == alone(mt, prompt(mt, 6), None)
 
 
 def test_cache_budget_makes_requests_wait_instead_of_failing(mt):
     slot_bytes = 64 * kv_bytes_per_token(mt.pretrained_model.config, mt.dtype)  # one sequence of 64 tokens
     engine = Engine(mt, max_num_seqs=16, max_model_len=64, kv_cache_bytes=2.5 * slot_bytes)
-    outputs, on_output = collector()
+    outputs, tokens, on_output = collector()
     ids = [engine.add_request(prompt(mt, i), ["qa", "sum", None][i % 3], GREEDY, on_output) for i in range(5)]
     peak = 0
     while not all(i in outputs and outputs[i].finished for i in ids):
@@ -121,7 +126,7 @@ def test_cache_budget_makes_requests_wait_instead_of_failing(mt):
         peak = max(peak, engine.stats()["running"])
     assert peak == 2
     for i, request_id in enumerate(ids):
-        assert outputs[request_id].token_ids == alone(mt, prompt(mt, i), ["qa", "sum", None][i % 3])
+        assert tokens[request_id] == alone(mt, prompt(mt, i), ["qa", "sum", None][i % 3])
     with pytest.raises(lora.LoraError, match="holds no sequence"):
         Engine(mt, max_model_len=64, kv_cache_bytes=slot_bytes / 2)
 
@@ -167,9 +172,9 @@ def test_sampling_is_reproducible_per_request_seed(mt):
     hot = SamplingParams(max_tokens=16, min_tokens=16, temperature=1.5, seed=7)
     engine = Engine(mt, max_num_seqs=4)
     same = engine.generate([prompt(mt, 0)] * 3, ["qa", "sum", "qa"], [hot, SamplingParams(max_tokens=5), hot])
-    assert same[0].token_ids == same[2].token_ids  # the seed, not the batch neighbours, decides
+    assert same[0].new_token_ids == same[2].new_token_ids  # the seed, not the batch neighbours, decides
     other = alone(mt, prompt(mt, 0), "qa", SamplingParams(max_tokens=16, min_tokens=16, temperature=1.5, seed=8))
-    assert other != same[0].token_ids
+    assert other != same[0].new_token_ids
     top1 = SamplingParams(max_tokens=12, min_tokens=12, temperature=1.0, top_k=1, seed=3)
     assert alone(mt, prompt(mt, 1), "qa", top1) == alone(mt, prompt(mt, 1), "qa")
     tiny_p = SamplingParams(max_tokens=12, min_tokens=12, temperature=1.0, top_p=1e-6, seed=3)
@@ -184,9 +189,9 @@ def test_eos_min_tokens_ignore_eos_and_stop_strings(mt, monkeypatch):
     stops = Engine(mt, max_num_seqs=1).generate([ids] * 3, ["qa"] * 3, [
         SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, min_tokens=8),
         SamplingParams(max_tokens=12, ignore_eos=True)])
-    assert stops[0].finish_reason == "stop" and stops[0].token_ids == free[:free.index(eos) + 1]
-    assert len(stops[1].token_ids) >= 8
-    assert stops[2].finish_reason == "length" and stops[2].token_ids == free
+    assert stops[0].finish_reason == "stop" and stops[0].new_token_ids == free[:free.index(eos) + 1]
+    assert len(stops[1].new_token_ids) >= 8
+    assert stops[2].finish_reason == "length" and stops[2].new_token_ids == free
     text = mt.tokenizer.decode(free, skip_special_tokens=True)
     stop = text[len(text) // 2:len(text) // 2 + 3]
     monkeypatch.undo()
@@ -222,3 +227,44 @@ def test_background_engine_streams_deltas_and_unloads_between_steps(mt, tiny_lla
         assert result["out"].finish_reason == "error" and "unloaded" in str(result["out"].error)
     finally:
         engine.shutdown()
+
+
+def test_a_shared_prompt_prefix_is_computed_once_per_task(mt, tiny_llama, tmp_path):
+    head = prompt(mt, 7, words=10)
+    first, second = head + prompt(mt, 1), head + prompt(mt, 2)
+    engine = Engine(mt, max_num_seqs=2)
+    engine.generate([first], ["qa"], GREEDY)
+    before = engine.stats()
+    answer = engine.generate([second], ["qa"], GREEDY)[0]
+    after = engine.stats()
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == len(second) - shared
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == shared
+    assert answer.new_token_ids == alone(mt, second, "qa")
+    # K and V depend on the adapter: another task computes the whole prompt
+    assert engine.generate([second], ["sum"], GREEDY)[0].new_token_ids == alone(mt, second, "sum")
+    assert engine.stats()["prompt_tokens_total"] - after["prompt_tokens_total"] == len(second)
+    # a task registered again under the same name is other weights: nothing of the old one is reused
+    mt.add_downstream("again", make_adapter(tiny_llama, tmp_path / "a", ["q_proj"], seed=3))
+    engine.generate([second], ["again"], GREEDY)
+    engine.call(lambda: mt.add_downstream("again", make_adapter(tiny_llama, tmp_path / "b", ["v_proj"], seed=4)))
+    try:
+        assert engine.generate([second], ["again"], GREEDY)[0].new_token_ids == alone(mt, second, "again")
+    finally:
+        mt.remove_downstream("again")
+
+
+def test_a_blend_is_not_starved_by_a_steady_stream_of_one_task(mt):
+    engine = Engine(mt, max_num_seqs=2, aging_steps=4)
+    outputs, tokens, on_output = collector()
+    short = SamplingParams(max_tokens=3, min_tokens=3)
+    engine.add_request(prompt(mt, 0), "qa", short, on_output)
+    engine.step()
+    blend = engine.add_request(prompt(mt, 1), {"qa": 0.5, "sum": 0.5}, GREEDY, on_output)
+    for step in range(60):  # a new "qa" request every step: there is always one running
+        engine.add_request(prompt(mt, 2 + step % 5), "qa", short, on_output)
+        engine.step()
+        if blend in outputs and outputs[blend].finished:
+            break
+    assert outputs[blend].finish_reason == "length"
+    assert tokens[blend] == alone(mt, prompt(mt, 1), {"qa": 0.5, "sum": 0.5})

@@ -1,0 +1,297 @@
+"""Quantized base models, measured: LoRA training step memory and speed per quantization, and decode speed.
+
+    .venv/bin/python bench/quant.py              # all of it; a 1b step is ~18 TFLOP: minutes each on 2 cores
+    .venv/bin/python bench/quant.py --shape small --seq_len 64 --decode_tokens 8 --repeats 1   # a quick check
+    .venv/bin/python bench/quant.py --parts train --runs float32,nf4,peft-nf4     # a subset
+
+Training (--parts train): a Llama with random weights, shaped like TinyLlama-1.1B (--shape 1b: hidden 2048,
+22 layers, MLP 5632, 32 heads / 4 KV heads, vocab 32000; --shape small for a quick check), written once to a
+temporary folder in bfloat16 and loaded in float32 by every run. Each run adds LoRA r=16 alpha=32 to all
+linear layers, turns on non-reentrant gradient checkpointing and trains --steps AdamW steps on the same seeded
+random batch of --batch_size x --seq_len tokens (every position a target):
+  float32, nf4, fp4, int8, w8a16   lora-pytorch: load, lora.quant.quantize_model, lora.inject, its chunked
+                                   loss (lora.loss.CausalLMLoss), as `lora finetune` trains
+  peft-nf4, peft-fp4, peft-int8    PEFT + bitsandbytes as its QLoRA recipe runs: transformers' loader with
+                                   BitsAndBytesConfig (the record lora.quant.quantization_config gives),
+                                   prepare_model_for_kbit_training, get_peft_model, model(**batch).loss
+Every run is its own process. Reported: the peak RSS of the training steps (the kernel's high-water mark,
+reset after setup and after glibc's malloc_trim gave the replaced float weights back), the RSS the loaded
+model holds before the first step, the process's peak including loading, and the median seconds of the
+steps after the first (input tokens per second from it).
+
+Decode (--parts decode): single-stream greedy decoding of --decode_tokens tokens with transformers' generate
+on SmolLM2-135M-Instruct (lora.load_model("smollm2-135m")): float32, w8a16, and w8a16-head (its tied output
+head quantized too: 28M of its 135M weights, read every token); the best of --repeats, tokens per second
+after an 8-token warm-up.
+
+Prints markdown tables, the goals met or not (nf4 step peak <= 0.35x float32; nf4 step speed >= 0.9x PEFT +
+bitsandbytes; w8a16 decode >= 3x float32), the machine, versions and load before and after.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models are local or random
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from machine import cpu_model, load_average  # bench/machine.py: this script's folder is on sys.path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's lora, not an installed one
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, vocab_size=4096),
+}
+TRAIN_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
+DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8")
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--parts", default="train,decode", help="comma-separated: train, decode")
+p.add_argument("--shape", choices=SHAPES, default="1b")
+p.add_argument("--runs", default="float32,nf4,int8,w8a16,peft-nf4,peft-int8",
+               help=f"training runs, comma-separated, in order: {', '.join(TRAIN_RUNS)}")
+p.add_argument("--steps", type=int, default=3, help="optimizer steps per training run (the first is not timed)")
+p.add_argument("--batch_size", type=int, default=4)
+p.add_argument("--seq_len", type=int, default=512)
+p.add_argument("--rank", type=int, default=16)
+p.add_argument("--decode_runs", default="float32,w8a16,w8a16-head", help=f"comma-separated: {', '.join(DECODE_RUNS)}")
+p.add_argument("--decode_tokens", type=int, default=128)
+p.add_argument("--repeats", type=int, default=2, help="decode runs per quantization, best kept")
+p.add_argument("--threads", type=int, default=os.cpu_count())
+p.add_argument("--workdir", default=None, help="where the random model is written (default: a temp folder)")
+p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+p.add_argument("--run", default=None, help=argparse.SUPPRESS)
+p.add_argument("--model_dir", default=None, help=argparse.SUPPRESS)
+
+
+def status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss():
+    """Reset the kernel's high-water mark of this process's RSS (VmHWM), so it measures from now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def release_free_memory():
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise), so RSS shows what the run holds."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def gib(kib):
+    return kib / 2**20
+
+
+# ---------------------------------------------------------------- children: one run each, JSON on stdout
+
+def write_random_model(args, folder):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq_len),
+                         tie_word_embeddings=False, initializer_range=0.02)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+
+
+def ours(args, method):
+    from transformers import AutoModelForCausalLM
+
+    import lora
+    from lora.loss import CausalLMLoss
+    from lora.quant import quantize_model
+
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    if method != "float32":
+        quantize_model(model, method)
+    lora.inject(model, "all-linear", r=args.rank, alpha=2 * args.rank)
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    loss_fn = CausalLMLoss(model)
+    return model, lora.lora_parameters(model), lambda batch, targets: loss_fn(batch) / targets
+
+
+def peft(args, method):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora.quant import quantization_config
+
+    record = {k: v for k, v in quantization_config(method).items() if k != "quant_method"}
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(**record))
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, lambda batch, targets: model(**batch).loss
+
+
+def train_child(args):
+    run = args.run
+    whole_peak_before = status_kib("VmHWM")  # python + torch + transformers imported: the floor
+    model, params, loss_of = (peft if run.startswith("peft-") else ours)(args, run.removeprefix("peft-"))
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    torch.manual_seed(1)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch_size, args.seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    targets = args.batch_size * (args.seq_len - 1)
+    gc.collect()
+    release_free_memory()  # the float weights quantization replaced, in every run alike
+    setup_rss, load_peak = status_kib("VmRSS"), status_kib("VmHWM")
+    reset_peak_rss()
+    times, losses = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = loss_of(batch, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    timed = sorted(times[1:] or times)
+    return {"run": run, "step_peak_gib": gib(status_kib("VmHWM")), "setup_rss_gib": gib(setup_rss),
+            "load_peak_gib": gib(max(load_peak, status_kib("VmHWM"))), "floor_gib": gib(whole_peak_before),
+            "step_s": timed[len(timed) // 2], "tokens_per_s": args.batch_size * args.seq_len / timed[len(timed) // 2],
+            "losses": [round(x, 4) for x in losses], "trainable": sum(p.numel() for p in params)}
+
+
+@torch.no_grad()
+def decode_child(args):
+    import lora
+    from lora.quant import quantize_model
+
+    model, tokenizer = lora.load_model("smollm2-135m")
+    if args.run != "float32":
+        quantize_model(model, args.run.removesuffix("-head"), head=args.run.endswith("-head"))
+    gc.collect()
+    release_free_memory()
+    messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    kwargs = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    model.generate(**ids, max_new_tokens=8, min_new_tokens=8, **kwargs)  # warm-up
+    start = time.perf_counter()
+    out = model.generate(**ids, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, **kwargs)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - ids["input_ids"].shape[1]
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:][:24], skip_special_tokens=True)
+    return {"run": args.run, "tokens_per_s": new / seconds, "tokens": new, "rss_gib": gib(status_kib("VmRSS")),
+            "sample": text}
+
+
+# ---------------------------------------------------------------- parent: runs children, prints tables
+
+def child(args, kind, run, model_dir=None):
+    argv = [sys.executable, __file__, "--child", kind, "--run", run, "--shape", args.shape, "--steps", str(args.steps),
+            "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len), "--rank", str(args.rank),
+            "--decode_tokens", str(args.decode_tokens), "--threads", str(args.threads)]
+    if model_dir:
+        argv += ["--model_dir", model_dir]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"{kind} run {run} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {kind} {run}: {json.dumps(result)}", file=sys.stderr)
+    return result
+
+
+def ratio(result, reference, key):
+    return f"{result[key] / reference[key]:.2f}x" if reference else "-"
+
+
+def train_table(args, results):
+    by = {r["run"]: r for r in results}
+    base = by.get("float32")
+    print(f"\n### LoRA training step: {args.shape}-shaped Llama, r={args.rank} all-linear, batch {args.batch_size} x "
+          f"{args.seq_len}, gradient checkpointing, {args.steps} steps\n")
+    print("| run | step peak RSS (GiB) | vs float32 | model RSS (GiB) | peak incl. load (GiB) | s/step | tokens/s "
+          "| vs PEFT + bnb | losses |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        peer = by.get("peft-" + r["run"])
+        print(f"| {r['run']} | {r['step_peak_gib']:.2f} | {ratio(r, base, 'step_peak_gib')} | "
+              f"{r['setup_rss_gib']:.2f} | {r['load_peak_gib']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{ratio(r, peer, 'tokens_per_s')} | {' '.join(map(str, r['losses']))} |")
+    nf4, peer = by.get("nf4"), by.get("peft-nf4")
+    if nf4 and base:
+        x = nf4["step_peak_gib"] / base["step_peak_gib"]
+        print(f"\nGoal nf4 step peak <= 0.35x float32: {x:.2f}x, {'met' if x <= 0.35 else 'NOT met'}")
+    if nf4 and peer:
+        x = nf4["tokens_per_s"] / peer["tokens_per_s"]
+        print(f"Goal nf4 step speed >= 0.9x PEFT + bitsandbytes: {x:.2f}x, {'met' if x >= 0.9 else 'NOT met'}")
+
+
+def decode_table(args, results):
+    best = {}
+    for r in results:
+        if r["run"] not in best or r["tokens_per_s"] > best[r["run"]]["tokens_per_s"]:
+            best[r["run"]] = r
+    base = best.get("float32")
+    print(f"\n### Single-stream decode, SmolLM2-135M-Instruct, transformers generate, {args.decode_tokens} tokens, "
+          f"best of {args.repeats}\n")
+    print("| base | tokens/s | vs float32 | RSS (GiB) | first words |")
+    print("|---|---|---|---|---|")
+    for run, r in best.items():
+        print(f"| {run} | {r['tokens_per_s']:.1f} | {ratio(r, base, 'tokens_per_s')} | {r['rss_gib']:.2f} "
+              f"| {r['sample']!r} |")
+    if base and "w8a16" in best:
+        x = best["w8a16"]["tokens_per_s"] / base["tokens_per_s"]
+        print(f"\nGoal w8a16 decode >= 3x float32 (here transformers generate, not the engine): {x:.2f}x, "
+              f"{'met' if x >= 3 else 'NOT met'}")
+
+
+def versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "transformers", "bitsandbytes", "peft"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} missing")
+    return ", ".join(found)
+
+
+def main():
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(train_child(args) if args.child == "train" else decode_child(args)))
+        return
+    parts = args.parts.split(",")
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads, {platform.system()} "
+          f"{platform.machine()}; {versions()}; load average before: {load_average()}")
+    if "train" in parts:
+        runs = args.runs.split(",")
+        unknown = [r for r in runs if r not in TRAIN_RUNS]
+        if unknown:
+            p.error(f"unknown --runs {unknown}; choose from {', '.join(TRAIN_RUNS)}")
+        with tempfile.TemporaryDirectory(dir=args.workdir, prefix="quant-bench-") as folder:
+            print(f"writing a random {args.shape}-shaped Llama to {folder}", file=sys.stderr)
+            write_random_model(args, folder)
+            results = [r for run in runs if (r := child(args, "train", run, folder))]
+        train_table(args, results)
+    if "decode" in parts:
+        runs = args.decode_runs.split(",")
+        results = [r for _ in range(args.repeats) for run in runs if (r := child(args, "decode", run))]
+        decode_table(args, results)
+    print(f"\nLoad average after: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()

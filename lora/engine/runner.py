@@ -1,0 +1,223 @@
+"""The model runner: a step's inputs, the task policy, one forward, and the sampled rows' next tokens.
+
+Inputs are laid out on the host in one persistent buffer (pinned on a GPU) and copied to the device in one
+copy; the only device-to-host transfer of a step is its sampled tokens (with a finite-logits flag per row).
+Tasks: when every request of a step uses one task it runs on that task's merged weights, at base-model
+speed; otherwise on the base weights plus each token's own task's low-rank update (S-LoRA / Punica style,
+`tasks.mix`). Going back to merged waits for `merge_after` steps of one task, so a stream of mixed
+requests cannot make it thrash. If a step fails (an exception, or logits that are not finite), it is run
+again one task at a time, so only the requests of the task at fault fail.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import LoraError
+from . import sampler
+from .attention import ATTENTION, ChunkRows, SlotAttention
+from .kv_cache import SlotCache
+from .request import Request, Spec
+from .scheduler import StepPlan
+
+IDS, POSITION, SLOT, TASK, LENGTH, KEEP = range(6)  # rows of the step's input buffer
+
+
+class MixedTasks(Protocol):
+    """tasks.mix()'s result: per-token updates of several tasks over the base weights."""
+    tasks: tuple[str, ...]
+
+    def select(self, index: torch.Tensor) -> None: ...
+
+    def attached(self) -> AbstractContextManager[None]: ...
+
+
+class Tasks(Protocol):
+    """What the engine runs on (lora.tasks.Tasks, MultiTaskModel): a base model and its task adapters."""
+    pretrained_model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    lock: threading.RLock
+
+    @property
+    def downstreams(self) -> list[str]: ...
+
+    def normalize(self, spec: Any) -> Spec: ...
+
+    def can_mix(self, spec: Spec) -> bool: ...
+
+    def mix(self, tasks: list[str]) -> MixedTasks: ...
+
+    def activate(self, spec: Spec) -> None: ...
+
+
+class NonFinite(LoraError):
+    """A step's logits for a request were inf or NaN: its task's update overflows."""
+
+
+def non_finite(request: Request, dtype: torch.dtype) -> NonFinite:
+    where = f"task {request.spec[0][0]!r}" if request.spec else "the base model"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return NonFinite(f"{where} produced logits that are not finite (inf or NaN) in {dtype_name}: its adapter's "
+                     "update overflows; check the adapter's scaling and weights, or retrain it")
+
+
+@dataclass
+class Layout:
+    """Where a step's rows went in the input buffer."""
+    decode: list[Request]  # in slot order: rows [0, len(decode))
+    sampled: list[Request]  # the rows whose logits are kept, in order
+    chunks: list[ChunkRows]
+    n: int  # rows in all
+    hi: int  # decode rows attend over slots [0, hi)
+    reach: int  # the cache positions the step reaches
+
+
+StepResult = dict[Request, "int | BaseException"]  # each sampled request's token, each failed request's error
+
+
+class ModelRunner:
+    """Runs StepPlans on the model; keeps the task policy's state between steps."""
+
+    def __init__(self, tasks: Tasks, cache: SlotCache, eos: list[int], *, max_tokens: int, mode: str,
+                 merge_after: int) -> None:
+        self.tasks, self.model, self.cache = tasks, tasks.pretrained_model, cache
+        self.device, self.mode, self.merge_after = tasks.device, mode, merge_after
+        self.model.set_attn_implementation(ATTENTION)
+        on_gpu = self.device.type != "cpu"
+        self._host = torch.zeros(6, max(max_tokens, cache.slots), dtype=torch.long, pin_memory=on_gpu)
+        self._rows = self._host.numpy()
+        self._device = torch.empty_like(self._host, device=self.device) if on_gpu else self._host
+        self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
+        self._params = sampler.ParamBuffer(cache.slots, self.device)
+        # A 4D mask is taken as given: transformers then builds none of its own (this attention needs none), and
+        # skips its packed-sequence check, which would sync the host with the GPU at every forward.
+        self._no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._mixed: MixedTasks | None = None
+        self._merged_steps = 0
+        self._spec: Spec = None
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Each sampled request's next token; requests of a failing task get their error instead."""
+        try:
+            results = self._run(plan)
+        except Exception as e:  # noqa: BLE001 - a fault of one task must not fail the others
+            if len(plan.specs) == 1:
+                return {r: e for r in plan.requests}
+            return self._one_task_at_a_time(plan)
+        if len(plan.specs) > 1 and any(isinstance(v, NonFinite) for v in results.values()):
+            return self._one_task_at_a_time(plan)  # one task's overflow may have reached its neighbours
+        return results
+
+    def _one_task_at_a_time(self, plan: StepPlan) -> StepResult:
+        results: StepResult = {}
+        for spec in sorted(plan.specs, key=str):
+            part = plan.only(spec)
+            try:
+                results.update(self._run(part))
+            except Exception as e:  # noqa: BLE001 - handed to this task's requests
+                results.update({r: e for r in part.requests})
+        return results
+
+    def _lay_out(self, plan: StepPlan) -> Layout:
+        """Write the step's rows into the host buffer: decode rows in slot order, then prompt chunks."""
+        rows, decode = self._rows, sorted(plan.decode, key=lambda r: r.slot)
+        n = len(decode)
+        for i, r in enumerate(decode):
+            rows[IDS, i], rows[POSITION, i], rows[SLOT, i] = r.tokens[-1], len(r.prompt) + len(r.tokens) - 1, r.slot
+        hi = max((r.slot for r in decode), default=-1) + 1
+        rows[LENGTH, :hi] = 1  # idle slots attend to position 0 only
+        rows[LENGTH, rows[SLOT, :n]] = rows[POSITION, :n] + 1
+        rows[KEEP, :n] = np.arange(n)
+        layout = Layout(decode, list(decode), [], n, hi, int(rows[POSITION, :n].max(initial=0)) + 1)
+        for c in plan.chunks:
+            end = layout.n + c.end - c.start
+            rows[IDS, layout.n:end] = c.request.prompt[c.start:c.end]
+            rows[POSITION, layout.n:end] = np.arange(c.start, c.end)
+            rows[SLOT, layout.n:end] = c.request.slot
+            causal = torch.arange(c.end, device=self.device)[None, :] <= torch.arange(c.start, c.end,
+                                                                                       device=self.device)[:, None]
+            layout.chunks.append(ChunkRows(layout.n, end, c.request.slot, c.end, causal))
+            if c.end == len(c.request.prompt):
+                rows[KEEP, len(layout.sampled)] = end - 1
+                layout.sampled.append(c.request)
+            layout.n, layout.reach = end, max(layout.reach, c.end)
+        return layout
+
+    @torch.no_grad()
+    def _run(self, plan: StepPlan) -> StepResult:
+        """One forward over the plan and its sampled rows' tokens: one copy in, one transfer out."""
+        layout = self._lay_out(plan)
+        n, hi, sampled = layout.n, layout.hi, layout.sampled
+        with self.tasks.lock:
+            mixed = self._policy(layout.decode + [c.request for c in plan.chunks], [1] * len(layout.decode) +
+                                 [c.end - c.start for c in plan.chunks])
+            width = max(n, hi, len(sampled))
+            if self._device is not self._host:
+                self._device[:, :width].copy_(self._host[:, :width], non_blocking=True)
+            inputs = self._device
+            decode_len = int(self._rows[LENGTH, :hi].max(initial=1))
+            mask = None
+            if hi:
+                lengths = inputs[LENGTH, :hi]
+                mask = (torch.arange(decode_len, device=self.device)[None, :] < lengths[:, None])[:, None, None]
+            attention = SlotAttention(self.cache, inputs[SLOT, :n], inputs[POSITION, :n], len(layout.decode), hi,
+                                      hi == len(layout.decode), decode_len, mask, layout.chunks)
+            self.cache.reach(layout.reach)
+            context: AbstractContextManager[None] = contextlib.nullcontext()
+            if mixed is not None:
+                mixed.select(inputs[TASK, :n][None])
+                context = mixed.attached()
+            with context:
+                logits = self.model(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
+                                    attention_mask=self._no_mask, use_cache=False,
+                                    logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
+        if not sampled:
+            return {}
+        finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
+        logits = torch.where(finite[:, None], logits, 0.0)  # the sampler never sees inf or NaN
+        batch = self._params.batch([r.sampling for r in sampled],
+                                   [len(r.tokens) < r.sampling.min_tokens for r in sampled],
+                                   [r.generator for r in sampled], self.eos, logits.shape[-1])
+        tokens, ok = torch.stack([sampler.sample(logits, batch), finite.long()]).tolist()  # the step's one sync
+        return {r: t if good else non_finite(r, self.tasks.dtype) for r, t, good in zip(sampled, tokens, ok)}
+
+    def forget_tasks(self) -> None:
+        """Drop the mixed updates built for the current tasks (one may have been registered again)."""
+        self._mixed = None
+
+    def _policy(self, requests: list[Request], counts: list[int]) -> MixedTasks | None:
+        """Merged weights when the step has one task (after `merge_after` such steps), else per-token updates.
+
+        Returns the mixed updates to attach for the forward (their task index filled in), or None.
+        """
+        specs = {r.spec for r in requests}
+        uniform = len(specs) == 1
+        self._merged_steps = self._merged_steps + 1 if uniform and specs == {self._spec} else int(uniform)
+        self._spec = next(iter(specs)) if uniform else None
+        must_merge = uniform and not self.tasks.can_mix(self._spec)
+        if self.mode == "merged" or must_merge or (self.mode == "auto" and uniform and (
+                self._mixed is None or self._merged_steps >= self.merge_after)):
+            self._mixed = None
+            self.tasks.activate(self._spec)
+            return None
+        names = sorted({name for s in specs if s for name, _ in s})
+        if self._mixed is None or not set(names) <= set(self._mixed.tasks) or \
+                len(self._mixed.tasks) > 2 * len(names) + 2:
+            self._mixed = self.tasks.mix(names)
+        self.tasks.activate(None)
+        index = {name: i + 1 for i, name in enumerate(self._mixed.tasks)}
+        start = 0
+        for r, count in zip(requests, counts):
+            self._rows[TASK, start:start + count] = index[r.spec[0][0]] if r.spec else 0
+            start += count
+        return self._mixed
+

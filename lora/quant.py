@@ -1,0 +1,284 @@
+"""Quantized base models: replace a model's frozen Linear layers with 4-bit or 8-bit ones (QLoRA) and back.
+
+    nf4, fp4   bitsandbytes Linear4bit: blockwise 4-bit weights (QLoRA's NF4, or FP4), optional double
+               quantization of the block scales, matmuls in a compute dtype (default float32, as transformers')
+    int8       bitsandbytes Linear8bitLt: LLM.int8() (int8 weights, one scale per output row)
+    w8a16      Int8Linear here: the int8 values of `int8` (row scales rounded to bfloat16), bfloat16 activations,
+               run by PyTorch's int8 weight-only kernel aten._weight_int8pack_mm on CPU (what torchao's
+               int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
+               weight once per token: a quarter of float32's bytes), and it trains too.
+
+The output head stays in full precision (w8a16 can take it too: `head=True`, for serving, where a tied head
+is a large share of the bytes read per token), as transformers' bitsandbytes loader leaves it, so `nf4`, `fp4`
+and `int8` give the model `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads,
+`record = quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
+logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
+LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
+take a merged task): `dequantize_model` gives float Linears back for merge and export.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .errors import LoraError
+from .inject import lora_layers, set_submodule
+
+BNB_METHODS = ("nf4", "fp4", "int8")
+METHODS = (*BNB_METHODS, "w8a16")
+BNB_VERSION = "0.50.2"  # the version tested here (CPU backend with torch 2.13)
+LLM_INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig default: activation outliers above it stay 16-bit
+RECORD_ATTR = "lora_quantization"  # where quantize_model leaves its record on the model
+COMPUTE_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                  "float16": "float16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a base model's Linear layers were quantized."""
+
+    method: str
+    double_quant: bool = False
+    compute_dtype: str | None = None  # nf4/fp4 matmul dtype (transformers' default: float32)
+    head: bool = False  # the output head quantized too (w8a16 only)
+
+
+def check_quantization(method: str, double_quant: bool = False, compute_dtype: str | None = None,
+                       head: bool = False) -> Quantization:
+    """The record for these settings, or a LoraError naming the bad one and the choices."""
+    if method not in METHODS:
+        raise LoraError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} "
+                        "(nf4 and fp4: 4-bit QLoRA; int8: 8-bit; w8a16: int8 weights for fast CPU serving)")
+    if double_quant and method not in ("nf4", "fp4"):
+        raise LoraError(f"--double_quant quantizes 4-bit block scales; it applies to nf4 and fp4, not {method}")
+    if compute_dtype is not None:
+        if method not in ("nf4", "fp4"):
+            raise LoraError(f"--compute_dtype applies to nf4 and fp4 (int8 and w8a16 pick their own kernels), "
+                            f"not {method}")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise LoraError(f"unknown compute dtype {compute_dtype!r}; use one of float32, bfloat16, float16")
+        compute_dtype = COMPUTE_DTYPES[compute_dtype]
+    elif method in ("nf4", "fp4"):
+        compute_dtype = "float32"
+    if head and method != "w8a16":
+        raise LoraError(f"quantizing the output head is offered for w8a16 (serving), not {method}: bitsandbytes "
+                        "bases keep it in full precision, as PEFT and transformers expect")
+    return Quantization(method, double_quant, compute_dtype, head)
+
+
+def import_bitsandbytes(method: str) -> Any:
+    """The bitsandbytes module, or a LoraError saying how to install it."""
+    # On CPUs with AVX512-BF16 bitsandbytes 0.50 tries to fetch a kernel from the Hugging Face Hub at import
+    # (nothing is downloaded here) and logs a warning when it cannot: that warning is not the user's problem.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LoraError(f"--quantize {method} needs bitsandbytes: pip install 'lora-pytorch[quant]' (or "
+                        f"bitsandbytes=={BNB_VERSION}); --quantize w8a16 needs nothing extra") from None
+    finally:
+        cpu_ops.setLevel(level)
+    return bitsandbytes
+
+
+def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 absmax per output row): bitsandbytes' int8_vectorwise_quant, so `int8` and
+    `w8a16` hold equal int8 values. A weight is value * absmax / 127; an all-zero row gets absmax 0."""
+    w = weight.detach().to(torch.float16)  # bitsandbytes rounds to float16 first
+    absmax = w.abs().amax(dim=1).float()
+    q = torch.round(w * (127.0 / absmax.clamp(min=1e-30)).unsqueeze(1)).to(torch.int8)
+    return q, absmax
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """x @ (q * scale).T with bfloat16 x; backward gives x its gradient (the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        if x.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x, q, scale)
+        return x @ (q.to(x.dtype) * scale.unsqueeze(1)).T  # no int8 weight-only kernel there: de-quantize
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, scale = ctx.saved_tensors
+        return ((grad.float() * scale.float()) @ q.float()).to(grad.dtype), None, None
+
+
+class Int8Linear(nn.Linear):
+    """A frozen Linear holding int8 weights and one bfloat16 scale per output row (w8a16).
+
+    Subclasses nn.Linear so LoRA layers and `all-linear` find it, as bitsandbytes' layers do.
+    """
+
+    scale: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None) -> None:
+        super().__init__(in_features, out_features, bias=False, device="meta")  # no float weight is allocated
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.bfloat16, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+        q, absmax = int8_rowwise(linear.weight)
+        module.weight.data = q
+        module.scale = (absmax / 127.0).to(torch.bfloat16)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.float().unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = _Int8MatMul.apply(flat, self.weight, self.scale).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
+def _bnb_linear(bnb: Any, linear: nn.Linear, q: Quantization, device: Any) -> nn.Linear:
+    """A bitsandbytes layer holding `linear`'s weight, quantized on `device` (bitsandbytes does it on .to)."""
+    weight = linear.weight.detach()
+    if q.method == "int8":
+        weight = weight.cpu()  # Int8Params quantizes only when moved off the CPU
+        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
+                                     has_fp16_weights=False, threshold=LLM_INT8_THRESHOLD, device="meta")
+        module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                                   compute_dtype=getattr(torch, str(q.compute_dtype)),
+                                   compress_statistics=q.double_quant, quant_type=q.method, device="meta")
+        module.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=q.double_quant,
+                                          quant_type=q.method, module=module)
+        # bitsandbytes 0.50 repacks 4-bit weights for its bfloat16 CPU kernel on the first eval-mode forward:
+        # that rewrites the base (its scales rounded to bfloat16) and later training forwards run a kernel
+        # with no backward, so LoRA layers below it silently get no gradient. Keep the one exact path.
+        module.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:
+        module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return module.to(device)
+
+
+def quantizable(model: nn.Module, head: bool = False) -> list[str]:
+    """Names of the plain Linear layers quantize_model replaces, in model order: all but the output head,
+    unless `head`."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    output = None if head or get_head is None else get_head()
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear and m is not output]
+
+
+def quantize_model(model: nn.Module, method: str, double_quant: bool = False, compute_dtype: str | None = None,
+                   device: Any = None, head: bool = False) -> list[str]:
+    """Quantize `model`'s Linear layers (not its output head, unless `head`) in place; returns their names.
+
+    Each layer is quantized on `device` (default: where its weight is) and its float weight dropped as it
+    goes (a tied head's stays: it is the input embedding too). Do it before adding LoRA layers; the record
+    is left on the model (see model_quantization).
+    """
+    q = check_quantization(method, double_quant, compute_dtype, head)
+    if lora_layers(model):
+        raise LoraError("quantize the base model before adding LoRA layers: load a fresh base model, quantize it, "
+                        "then inject or load the adapter")
+    if getattr(model, RECORD_ATTR, None) is not None:
+        raise LoraError(f"this model is already quantized ({getattr(model, RECORD_ATTR)['method']}); load a fresh "
+                        "base model to quantize it another way")
+    bnb = import_bitsandbytes(method) if method in BNB_METHODS else None
+    names = quantizable(model, head)
+    if not names:
+        raise LoraError(f"{type(model).__name__} has no Linear layer to quantize besides its output head "
+                        "(Conv1D layers, as in GPT-2, are not quantized)")
+    for name in names:
+        linear: Any = model.get_submodule(name)
+        target = device if device is not None else linear.weight.device
+        if linear.weight.device.type == "meta":
+            raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
+        new = Int8Linear.from_linear(linear).to(target) if bnb is None else _bnb_linear(bnb, linear, q, target)
+        set_submodule(model, name, new.train(linear.training))
+    setattr(model, RECORD_ATTR, asdict(q))
+    return names
+
+
+def quantization_config(method: str, double_quant: bool = False, compute_dtype: str | None = None,
+                        head: bool = False) -> dict:
+    """The `quantization_config` record of a base quantized so: for bitsandbytes methods the fields of
+    transformers' BitsAndBytesConfig (what PEFT and vLLM read from a base model's config.json)."""
+    q = check_quantization(method, double_quant, compute_dtype, head)
+    if q.method == "w8a16":
+        return {"quant_method": "w8a16", "bits": 8, "group_size": -1, "symmetric": True,
+                "activation_dtype": "bfloat16", "modules_to_not_convert": [] if head else ["lm_head"]}
+    return {"quant_method": "bitsandbytes", "load_in_4bit": q.method != "int8", "load_in_8bit": q.method == "int8",
+            "bnb_4bit_quant_type": q.method if q.method != "int8" else "fp4",
+            "bnb_4bit_use_double_quant": q.double_quant, "bnb_4bit_compute_dtype": q.compute_dtype or "float32",
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_threshold": LLM_INT8_THRESHOLD,
+            "llm_int8_skip_modules": None, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def model_quantization(model: nn.Module) -> dict | None:
+    """The quantization_config record of a model quantized here or by transformers' loader; None if float.
+
+    For the adapter's task metadata (lora_task.json), so the base it was trained on is known."""
+    record = getattr(model, RECORD_ATTR, None)
+    if record is not None:
+        return quantization_config(**record)
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a Linear whose weight is packed (not a float tensor): LoRA cannot merge into it."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear's (out, in) float weight: itself, or a float32 de-quantized copy where it is packed."""
+    weight: Any = module.weight
+    if not is_quantized(module):
+        return weight
+    if isinstance(module, Int8Linear):
+        return module.dense_weight()
+    bnb = import_bitsandbytes("int8" if weight.dtype == torch.int8 else "nf4")
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        state: Any = module.state
+        scb = state.SCB if state.SCB is not None else weight.SCB
+        return weight.data.float() * (scb.float() / 127.0).unsqueeze(1)
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    raise LoraError(f"cannot de-quantize a {type(module).__name__}; only bitsandbytes and w8a16 layers are known")
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Replace every quantized Linear (inside LoRA layers too) by a float nn.Linear; returns their names.
+
+    The way to merge adapters or export from a quantized base: the result is the de-quantized weights,
+    which differ from the original float model's by the quantization error. `dtype` defaults to that of
+    the model's other weights (its embedding's), which its activations have.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized(m)]
+    if dtype is None:
+        dtype = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n),
+                     torch.float32)
+    for name in names:
+        module: Any = model.get_submodule(name)
+        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(dense_weight(module).detach().to(dtype, copy=True), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
+        set_submodule(model, name, linear.train(module.training))
+    if names and hasattr(model, RECORD_ATTR):
+        delattr(model, RECORD_ATTR)
+    return names
