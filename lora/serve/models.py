@@ -16,6 +16,7 @@ from typing import Any
 from fastapi.responses import PlainTextResponse
 
 from ..checkpoint import read_adapter
+from ..engine import EngineDead
 from ..errors import LoraError
 from ..files import OutsideRootError
 from .protocol import APIError, LoadAdapterRequest, UnloadAdapterRequest
@@ -135,6 +136,8 @@ class ServedModels:
         try:
             await off_loop(read_adapter, path, root=self.adapter_root)
             await asyncio.wrap_future(self.engine.call(register))
+        except EngineDead as e:
+            raise self.error(503, e, type="server_error", code="engine_dead") from None
         except OutsideRootError as e:
             raise self.error(403, e, param="lora_path", code="path_not_allowed", type="permission_error") from None
         except LoraError as e:
@@ -150,7 +153,10 @@ class ServedModels:
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name",
                                code="model_not_found")
             self.mt.remove_downstream(name)
-        await asyncio.wrap_future(self.engine.call(unregister))
+        try:
+            await asyncio.wrap_future(self.engine.call(unregister))
+        except EngineDead as e:
+            raise self.error(503, e, type="server_error", code="engine_dead") from None
         for forget in self.on_unload:
             forget(name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -168,6 +168,8 @@ def test_a_stopped_engine_fails_every_request_at_once_with_503(tiny_llama):
         with pytest.raises(openai.APIStatusError) as e:
             client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
         assert e.value.status_code == 503
+        unload = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "x"})
+        assert unload.status_code == 503 and unload.json()["error"]["code"] == "engine_dead"
         assert time.monotonic() - start < 5
 
 
