@@ -68,8 +68,8 @@ class Limits:
         """The body's sampling fields as the engine's SamplingParams, checked by the engine's one validator."""
         params = SamplingParams(
             max_tokens=max_tokens, temperature=0.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=0 if body.top_k in (None, -1) else body.top_k,
-            min_tokens=body.min_tokens, stop=body.stop_strings(), ignore_eos=body.ignore_eos, seed=body.seed)
+            top_p=1.0 if body.top_p is None else body.top_p, top_k=0 if body.top_k is None else body.top_k,
+            min_tokens=body.min_tokens, stop=body.stop or (), ignore_eos=body.ignore_eos, seed=body.seed)
         try:
             return params.check()
         except LoraError as e:

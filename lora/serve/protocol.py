@@ -96,12 +96,9 @@ class Sampling(Body):
     top_p: float | None = None
     top_k: int | None = None  # vLLM's: -1 or 0 is off
     seed: int | None = Field(None, ge=INT64[0], le=INT64[1])  # the JSON type: a 64-bit integer
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | list[str] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-
-    def stop_strings(self) -> tuple[str, ...]:
-        return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s)
 
 
 class OpenAISampling(Sampling):

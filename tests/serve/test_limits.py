@@ -125,10 +125,11 @@ def test_harmless_and_neutral_fields_are_accepted(client):
 
 def test_sampling_values_are_checked_by_the_engine_s_one_validator(client):
     for fields in ({"max_tokens": 4, "extra_body": {"min_tokens": 5}}, {"temperature": -1}, {"top_p": 0},
-                   {"max_tokens": 0}, {"extra_body": {"top_k": -3}}):
+                   {"max_tokens": 0}, {"extra_body": {"top_k": -3}}, {"stop": ["x"] * 100}):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model="color", prompt="hi", **{"max_tokens": 4, **fields})
         assert error_of(e)["code"] == "invalid_sampling_params", fields
+    assert client.completions.create(model="color", prompt="hi", max_tokens=2, extra_body={"top_k": -1}).choices
     with pytest.raises(openai.BadRequestError) as e:  # the default budget (16) is under min_tokens too
         client.completions.create(model="color", prompt="hi", extra_body={"min_tokens": 20})
     assert "min_tokens" in error_of(e)["message"]
