@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Adapter
+from .checkpoint import Adapter, read_adapter
 from .errors import LoraError
 from .mixed import MixedAdapters
 from .models import load_model
-from .registry import Registry, read_mapper
+from .registry import CheckedAdapter, Registry, read_mapper
 from .switch import Key, Spec, Switch
 
 Downstream = str | dict[str, float] | Spec | None  # a task name, {task: weight} (a blend), or None (the base)
@@ -74,16 +74,23 @@ class Tasks:
         """The task (or blend) applied now, in `normalize`'s form; None for the base model."""
         return self.switch.active_spec
 
-    def add_downstream(self, name: str, path: str | os.PathLike, root: str | None = None) -> None:
+    def add_downstream(self, name: str, path: str | os.PathLike, root: str | None = None,
+                       checked: CheckedAdapter | None = None) -> None:
         """Register a task (replacing one of that name); its checkpoint is read on first use, not now.
 
         root: a folder every file of the checkpoint must lie in when it is opened, also on a re-read after
         the adapter left the cache (a server's --adapter-root).
+        checked: the adapter as `check_adapter` returned it: registered as it is, not read again.
         """
         with self.lock:
             if name in self.registry.registrations:
                 self.remove_downstream(name)
-            self.registry.register(name, path, root)
+            self.registry.register(name, path, root, checked)
+
+    def check_adapter(self, path: str | os.PathLike, root: str | None = None) -> CheckedAdapter:
+        """Read a checkpoint and check it against the base model without registering it; no lock is taken, so
+        a server does this in a worker thread and then registers the result between two engine steps."""
+        return self.registry.check_adapter(read_adapter(path, root=root), os.path.basename(os.fspath(path)))
 
     def remove_downstream(self, name: str) -> None:
         with self.lock:
