@@ -70,6 +70,12 @@ class Tasks:
         return self.registry.names
 
     @property
+    def registrations(self) -> tuple[int, ...]:
+        """One number per registration, new for every add_downstream: what was computed with a task's weights
+        (merged weights, an engine's cached K/V) belongs to its registration, not to its name."""
+        return tuple(r.number for r in self.registry.registrations.values())
+
+    @property
     def active(self) -> Spec | None:
         """The task (or blend) applied now, in `normalize`'s form; None for the base model."""
         return self.switch.active_spec
