@@ -148,7 +148,7 @@ class Tasks:
                 raise LoraError(f"the weight of task {name!r} must be a finite number, got {weight!r}")
         return tuple(sorted(weights.items()))
 
-    def _key(self, spec: Spec) -> Key:
+    def _merged_key(self, spec: Spec) -> Key:
         """What a spec's merged weights depend on: each task's registration (not just its name) and weight."""
         return tuple((self.registry.registrations[name].number, weight) for name, weight in spec)
 
@@ -160,7 +160,7 @@ class Tasks:
         if spec is None:
             self.switch.point(None, None)
             return
-        key = self._key(spec)
+        key = self._merged_key(spec)
         merged = self.switch.cached(key)
         if merged is None:
             keep = {*dict(spec), *dict(self.active or ())}
