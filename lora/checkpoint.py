@@ -516,6 +516,9 @@ def read_adapter(path, device="cpu", root=None):
             (OutsideRootError otherwise): use it for paths that come from clients.
     """
     path = os.fspath(path)
+    if path.endswith(".gguf"):  # a llama.cpp LoRA adapter file (lora/export/gguf_adapter.py reads that format)
+        from .export.gguf_adapter import read_gguf_adapter
+        return read_gguf_adapter(path, root=root)
     if root is None and not os.path.isdir(path):
         raise LoraError(f"checkpoint directory {path} does not exist; point to a folder holding adapter_config.json")
     config_path = os.path.join(path, ADAPTER_CONFIG)

@@ -40,8 +40,9 @@ def read_mapper(mapper):
         return {str(k): os.fspath(v) for k, v in mapper.items()}
     mapper = os.fspath(mapper)
     if os.path.isdir(mapper):
-        return {e.name: e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
-                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))}
+        return {e.name.removesuffix(".gguf"): e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
+                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))
+                or e.is_file() and e.name.endswith(".gguf")}
     try:
         entries = json.loads(read_text(mapper, what="checkpoint mapper", max_bytes=MAX_JSON_BYTES))
     except (ValueError, RecursionError) as e:
@@ -103,7 +104,7 @@ class MultiTaskModel:
         the adapter left the cache (a server's --adapter-root).
         """
         path = os.fspath(path)
-        if root is None and not os.path.isdir(path):
+        if root is None and not (os.path.isdir(path) or path.endswith(".gguf") and os.path.isfile(path)):
             raise LoraError(f"checkpoint for task {name!r} not found at {path}; check the mapper entry")
         with self.lock:
             if name in self._registry:
