@@ -138,3 +138,108 @@ def test_qk_reordering_matches_the_default_models_own_gguf(tmp_path):
         delta_gguf = B @ A * (meta["adapter.lora.alpha"] / A.shape[0])  # what llama.cpp adds to the GGUF weight
         order = (lambda w: w) if heads[proj] is None else (lambda w, h=heads[proj]: rope_reorder(w, h))
         assert torch.allclose(delta_gguf, order(m.B @ m.A * m.scaling), atol=1e-6, rtol=0)
+
+
+def test_merged_folder_loads_in_plain_transformers_with_the_switchs_logits(tiny_llama, llama_adapter, tmp_path):
+    out = lora.export_merged(tiny_llama, llama_adapter, tmp_path / "merged")
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(os.listdir(out))
+    ids = torch.tensor([[3, 17, 42, 99, 5, 250, 7, 11]])
+    plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        got = plain(ids).logits
+    assert torch.equal(got, merged_logits(tiny_llama, llama_adapter, ids))  # the same addmm, bit for bit
+
+
+@needs_smollm2
+def test_gguf_merged_keeps_the_base_and_folds_the_task(tmp_path):
+    adapter = random_adapter("smollm2-135m", tmp_path / "qv", [r"model\.layers\.1\.self_attn\.[qv]_proj"], r=4, alpha=8)
+    out = lora.export_gguf_merged(adapter, tmp_path / "merged.gguf", outtype="f32")
+    _, base_meta, base = gguf_values(smollm2_gguf())
+    _, meta, merged = gguf_values(out)
+    for key in ("tokenizer.chat_template", "tokenizer.ggml.tokens", "llama.attention.head_count", "general.name"):
+        assert meta[key] == base_meta[key]
+    assert list(merged) == list(base)
+    changed = {"blk.1.attn_q.weight", "blk.1.attn_v.weight"}
+    for name, t in base.items():
+        if name not in changed:
+            assert merged[name].tensor_type == t.tensor_type and np.array_equal(merged[name].data, t.data)
+    read = lora.read_adapter(adapter)
+    for proj, name, heads in (("q_proj", "blk.1.attn_q.weight", 9), ("v_proj", "blk.1.attn_v.weight", None)):
+        m = read.modules[f"model.layers.1.self_attn.{proj}"]
+        delta = m.B @ m.A * m.scaling
+        expected = dequantized(base[name]) + (rope_reorder(delta, heads) if heads else delta)
+        assert merged[name].tensor_type == gguf.GGMLQuantizationType.F32
+        assert torch.allclose(dequantized(merged[name]), expected, atol=1e-6, rtol=0)
+    q8 = lora.export_gguf_merged(adapter, tmp_path / "q8.gguf", outtype="q8_0")
+    assert gguf_values(q8)[2]["blk.1.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def render_modelfile(folder, prompt):
+    """What Ollama sends the model for one user message: the TEMPLATE with .System, .Prompt and .Response filled in."""
+    text = open(os.path.join(folder, "Modelfile"), encoding="utf-8").read()
+    lines = text.splitlines()
+    assert lines[0].startswith("FROM ") and lines[1] == "ADAPTER ./adapter.gguf"
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0] if 'SYSTEM """' in text else ""
+    return (template.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt).replace("{{ .Response }}", "")
+            .replace('{{ "{{" }}', "{{")), text
+
+
+def test_ollama_folder_asks_the_task_as_it_was_trained(tiny_llama, chat_tokenizer, tmp_path):
+    alpaca = random_adapter(tiny_llama, tmp_path / "alpaca", ["q_proj", "v_proj"], r=4,
+                            task={"prompt_format": "### {{ a literal }} brace\n" + PROMPT})
+    chat_task = {"data_format": "messages", "chat_template": True, "system_prompt": "You answer in colours."}
+    chat = random_adapter(tiny_llama, tmp_path / "chat", ["q_proj", "v_proj"], r=4, task=chat_task)
+    model, tokenizer = lora.load_model(tiny_llama)
+    for adapter, tok in ((alpaca, tokenizer), (chat, chat_tokenizer)):
+        out = lora.export_ollama(model, adapter, tmp_path / f"ollama-{os.path.basename(adapter)}", tokenizer=tok)
+        assert sorted(os.listdir(out)) == ["Modelfile", "adapter.gguf"]
+        assert lora.read_gguf_adapter(os.path.join(out, "adapter.gguf")).task == lora.read_adapter(adapter).task
+        question = "What colour is the apple?"
+        rendered, text = render_modelfile(out, question)
+        meta = lora.read_adapter(adapter).task
+        assert tok(rendered)["input_ids"] == prompt_ids(tok, meta, instruction=question)
+        assert f'PARAMETER stop "{tok.eos_token}"' in text
+        assert ('SYSTEM """You answer in colours."""' in text) == (adapter == chat)
+
+
+def test_export_refuses_what_llama_cpp_cannot_load(tiny_llama, tiny_gpt2, tmp_path):
+    for head in (["lm_head"], ["wte"]):  # GPT-2 ties its head to the input embeddings
+        adapter = random_adapter(tiny_gpt2, tmp_path / head[0], head, r=2)
+        with pytest.raises(lora.LoraError, match="tied"):
+            lora.export_gguf_adapter(tiny_gpt2, adapter, tmp_path / "x.gguf")
+    with pytest.raises(lora.LoraError, match="share"):
+        lora.export_merged(tiny_gpt2, tmp_path / "wte", tmp_path / "merged")
+    plain = random_adapter(tiny_llama, tmp_path / "plain", ["q_proj"], r=2)
+    for key, value, match in (("use_dora", True, "DoRA"), ("bias", "all", "bias")):
+        config_path = os.path.join(plain, "adapter_config.json")
+        config = json.load(open(config_path))
+        json.dump({**config, key: value}, open(config_path, "w"))
+        with pytest.raises(lora.LoraError, match=match):
+            lora.export_gguf_adapter(tiny_llama, plain, tmp_path / "x.gguf")
+        json.dump(config, open(config_path, "w"))
+    with pytest.raises(lora.LoraError, match="f32 or f16"):
+        lora.export_gguf_adapter(tiny_llama, plain, tmp_path / "x.gguf", outtype="q8_0")
+    with pytest.raises(lora.LoraError, match="convert_hf_to_gguf"):
+        lora.export_gguf_merged(plain, tmp_path / "x.gguf", model=tiny_llama)
+    torch.manual_seed(0)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                            intermediate_size=64))
+    lora.inject(neox, ["query_key_value"], r=2)
+    neox_adapter = lora.save_adapter(neox, tmp_path / "neox")
+    with pytest.raises(lora.LoraError, match="Llama-family"):
+        lora.export_gguf_adapter(lora.merge_and_unload(neox), neox_adapter, tmp_path / "x.gguf")
+    assert not os.path.exists(tmp_path / "x.gguf")
+
+
+def test_cli_exports_a_task_of_the_mapper(tiny_llama, llama_adapter, tmp_path, capsys):
+    mapper = tmp_path / "mapper.json"
+    mapper.write_text(json.dumps({"colors": str(llama_adapter)}))
+    out = tmp_path / "colors.gguf"
+    argv = ["export", "--model", tiny_llama, "--mapper", str(mapper), "--adapter", "colors", "--format", "gguf-adapter",
+            "--out", str(out)]
+    assert lora_cli(argv) == 0
+    assert "llama-cli -m BASE.gguf --lora" in capsys.readouterr().out
+    assert gguf_values(out)[1]["general.type"] == "adapter"
+    assert lora_cli([*argv[:6], "nothing", *argv[7:]]) == 2
+    assert "neither a checkpoint folder nor a .gguf file" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`lora export`: a task adapter as a llama.cpp adapter GGUF, a merged GGUF, a merged transformers folder or an Ollama folder."""
+"""`lora export`: a task adapter as a llama.cpp adapter GGUF, a merged GGUF or model folder, or an Ollama folder."""
 import argparse
 import os
 

@@ -6,8 +6,10 @@
     lora.export_ollama("smollm2-135m", "runs/qa/final", "qa-ollama/")         # ollama create qa -f qa-ollama/Modelfile
 """
 import os
+from typing import cast
 
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..checkpoint import Adapter, check_compatible, read_adapter
 from ..errors import LoraError
@@ -30,9 +32,10 @@ def load_any_adapter(adapter: Adapter | str | os.PathLike, config: object | None
     return read_gguf_adapter(path, config) if path.endswith(".gguf") else read_adapter(path)
 
 
-def _model(model: Model, tokenizer: object | None = None) -> tuple[nn.Module, object | None]:
+def _model(model: Model, tokenizer: object | None = None) -> tuple[PreTrainedModel, object | None]:
+    """(model, tokenizer): a loaded transformers model as given, or loaded in float32 on CPU by name or path."""
     if isinstance(model, nn.Module):
-        return model, tokenizer
+        return cast(PreTrainedModel, model), tokenizer
     return load_model(os.fspath(model), dtype="float32", device="cpu")
 
 

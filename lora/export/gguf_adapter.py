@@ -62,10 +62,10 @@ def write_gguf_adapter(adapter: Adapter, layout: Layout, out: str, outtype: str 
     refuse_unloadable(adapter, layout, "a llama.cpp adapter")
     configured = adapter.config.get("lora_alpha", 8)
     alpha = float(configured) if configured else 1.0  # 0 would tell llama.cpp not to scale at all
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
-        tensor = layout.tensor_name(name)
-        tensors[tensor + ".lora_a"], tensors[tensor + ".lora_b"] = gguf_factors(name, m, layout, alpha)
+        key = layout.tensor_name(name)
+        tensors[key + ".lora_a"], tensors[key + ".lora_b"] = gguf_factors(name, m, layout, alpha)
     arch = layout.family.name
     folder = os.path.dirname(os.path.abspath(out))
     os.makedirs(folder, exist_ok=True)
@@ -118,17 +118,17 @@ def _open(path: str, root: str | None) -> tuple[gguf.GGUFReader, list[tuple[str,
     return reader, tensors, meta
 
 
-def _heads(meta: dict[str, Any], arch: str, config: object | None) -> tuple[int, int]:
+def _heads(meta: dict[str, Any], arch: str, config: Any) -> tuple[int, int]:
     n_head = meta.get(HEADS_KEY.format(arch=arch))
     if n_head is not None:
         return int(n_head), int(meta.get(HEADS_KEY.format(arch=arch) + "_kv") or n_head)
     if config is not None:
-        n_head = int(getattr(config, "num_attention_heads"))
+        n_head = int(config.num_attention_heads)
         return n_head, int(getattr(config, "num_key_value_heads", None) or n_head)
     return 0, 0
 
 
-def read_gguf_adapter(path: str, config: object | None = None, root: str | None = None) -> Adapter:
+def read_gguf_adapter(path: str, config: Any = None, root: str | None = None) -> Adapter:
     """A llama.cpp LoRA adapter GGUF as an Adapter on CPU, in this package's (HF) layout.
 
     Args:

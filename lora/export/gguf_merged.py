@@ -6,6 +6,7 @@ adapter does not touch (quantized or not). Each adapted tensor is dequantized, g
 """
 import os
 import tempfile
+from typing import Any
 
 import gguf
 import numpy as np
@@ -20,7 +21,7 @@ OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationTy
             "q8_0": gguf.GGMLQuantizationType.Q8_0}
 
 
-def _value(reader: gguf.GGUFReader, key: str) -> object:
+def _value(reader: gguf.GGUFReader, key: str) -> Any:
     field = reader.get_field(key)
     return None if field is None else field.contents()
 
@@ -32,9 +33,9 @@ def gguf_layout(reader: gguf.GGUFReader, path: str) -> Layout:
     if family is None or _value(reader, "general.type") not in (None, "model"):
         raise LoraError(f"{path} is not a {' or '.join(BY_GGUF_NAME)} model GGUF (architecture {arch!r}); give the "
                         "base model's GGUF file")
-    n_head = int(_value(reader, f"{arch}.attention.head_count") or 0)  # type: ignore[call-overload]
-    n_head_kv = int(_value(reader, f"{arch}.attention.head_count_kv") or n_head)  # type: ignore[call-overload]
-    blocks = int(_value(reader, f"{arch}.block_count") or 0)  # type: ignore[call-overload]
+    n_head = int(_value(reader, f"{arch}.attention.head_count") or 0)
+    n_head_kv = int(_value(reader, f"{arch}.attention.head_count_kv") or n_head)
+    blocks = int(_value(reader, f"{arch}.block_count") or 0)
     names = {t.name for t in reader.tensors}
     return Layout(family, blocks, n_head, n_head_kv, tied_head="output.weight" not in names)
 
@@ -86,7 +87,7 @@ def write_gguf_merged(adapter: Adapter, base_gguf: str, out: str, outtype: str =
     refuse_unloadable(adapter, layout, "a merged GGUF")
     by_name = {t.name: t for t in reader.tensors}
     changed = {layout.tensor_name(name): (name, m) for name, m in adapter.modules.items()}
-    for tensor, (name, m) in changed.items():
+    for tensor, (_, m) in changed.items():
         shape = tuple(int(n) for n in reversed(by_name[tensor].shape)) if tensor in by_name else None
         expected = (m.B.shape[0], m.A.shape[1]) if not m.embedding else (m.A.shape[1], m.B.shape[0])
         if shape != expected:

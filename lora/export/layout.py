@@ -1,4 +1,4 @@
-"""How a Hugging Face model's tensors appear in GGUF: the architecture, each tensor's name, llama.cpp's rotary row order.
+"""How a Hugging Face model's tensors appear in GGUF: architecture, tensor names, llama.cpp's rotary row order.
 
 llama.cpp's converter reorders the rows of Llama-family q_proj and k_proj weights: within each head, HF keeps
 the two rotary halves apart (x0..x31, y0..y31) and GGUF interleaves them (x0, y0, x1, y1, ...). A LoRA delta
@@ -6,6 +6,7 @@ on those weights must have its rows (the rows of B) reordered the same way, or i
 coordinates. Everything else keeps PyTorch's (out, in) row layout.
 """
 from dataclasses import dataclass
+from typing import Any
 
 import gguf
 import torch
@@ -72,17 +73,17 @@ class Layout:
         return None
 
 
-def layout_of(config: object) -> Layout:
-    """The GGUF layout of a transformers config; a LoraError for architectures llama.cpp's LoRA path is not wired for."""
+def layout_of(config: Any) -> Layout:
+    """The GGUF layout of a transformers config; a LoraError for architectures this exporter does not map."""
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(str(model_type))
     if family is None:
         raise LoraError(f"exporting to GGUF supports Llama-family (llama, mistral) and GPT-2 models, not "
                         f"{model_type!r}; use --format merged and convert that folder with llama.cpp's "
                         "convert_hf_to_gguf.py")
-    n_head = int(getattr(config, "num_attention_heads"))  # transformers maps GPT-2's n_head to this name
+    n_head = int(config.num_attention_heads)  # transformers maps GPT-2's n_head to this name
     n_head_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
-    return Layout(family, int(getattr(config, "num_hidden_layers")), n_head, n_head_kv,
+    return Layout(family, int(config.num_hidden_layers), n_head, n_head_kv,
                   bool(getattr(config, "tie_word_embeddings", False)))
 
 

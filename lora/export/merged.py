@@ -4,9 +4,11 @@ The fold is the one the task switch makes (lora/multitask.py): W = W0 + scaling 
 the weight's own dtype and layout, so the folder's logits are those of `MultiTaskModel` with the task active.
 """
 import os
+from typing import cast
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..checkpoint import Adapter, ModuleAdapter, atomic_directory, check_compatible
 from ..errors import LoraError
@@ -22,28 +24,32 @@ def merged_weight(base: torch.Tensor, m: ModuleAdapter, transposed: bool) -> tor
     return torch.addmm(base.to(dtype), first, second, alpha=m.scaling).to(base.dtype)
 
 
-def refuse_tied(model: nn.Module, adapter: Adapter) -> None:
+def weight(module: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.weight)
+
+
+def refuse_tied(model: PreTrainedModel, adapter: Adapter) -> None:
     """A LoraError if the adapter changes a weight the input embeddings and the output head share."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     for name in adapter.modules:
-        weight = model.get_submodule(name).weight
-        if head is not None and head.weight is weight and model.get_input_embeddings().weight is weight:
+        w = weight(model.get_submodule(name))
+        if head is not None and weight(head) is w and weight(embeddings) is w:
             raise LoraError(f"{adapter.path} adapts {name}, whose weight the input embeddings and the output head "
                             f"share in this model; a merge would change both, re-train without {name}")
 
 
 @torch.no_grad()
-def merge_into(model: nn.Module, adapter: Adapter) -> nn.Module:
+def merge_into(model: PreTrainedModel, adapter: Adapter) -> PreTrainedModel:
     """Fold `adapter` into `model`'s weights in place (check_compatible first); returns the model."""
     check_compatible(adapter, model)
     refuse_tied(model, adapter)
     for name, m in adapter.modules.items():
         module = model.get_submodule(name)
-        module.weight.data = merged_weight(module.weight.data, m, weight_is_transposed(module))
+        weight(module).data = merged_weight(weight(module).data, m, weight_is_transposed(module))
     return model
 
 
-def write_merged(model: nn.Module, tokenizer: object, adapter: Adapter, out: str) -> str:
+def write_merged(model: PreTrainedModel, tokenizer: object, adapter: Adapter, out: str) -> str:
     """Write `model` with `adapter` folded in as a transformers folder at `out` (replaced atomically).
 
     The folder holds model.safetensors, config.json, generation_config.json and the tokenizer with its chat

@@ -46,7 +46,8 @@ def ollama_template(tokenizer: object, task: dict) -> tuple[str, str | None]:
     """(TEMPLATE, SYSTEM or None) rendering a one-message request to `task` as training rendered its prompts."""
     if not task.get("chat_template"):
         fmt = (task.get("prompt_format") or DEFAULT_PROMPT_FORMAT).replace("{input}", "")
-        return _fill(fmt.replace("{instruction}", PROMPT_MARK), {PROMPT_MARK: "{{ .Prompt }}"}) + "{{ .Response }}", None
+        template = _fill(fmt.replace("{instruction}", PROMPT_MARK), {PROMPT_MARK: "{{ .Prompt }}"})
+        return template + "{{ .Response }}", None
     check_chat_template(tokenizer, "the task")
     system = task.get("system_prompt")
     messages = [{"role": "system", "content": SYSTEM_MARK}] if system is not None else []
