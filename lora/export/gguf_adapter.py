@@ -6,12 +6,14 @@ after the base tensor, `blk.N.attn_q.weight.lora_a` (A, r x in) and `.lora_b` (B
 stored transposed. llama.cpp scales every tensor by alpha / r, so this writer folds each module's own scaling
 (rsLoRA, rank_pattern, alpha_pattern) into B; Llama q/k rows of B take the converter's rotary reordering.
 """
+import contextlib
 import json
 import math
 import os
 import re
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import gguf
@@ -66,13 +68,8 @@ def write_gguf_adapter(adapter: Adapter, layout: Layout, out: str, outtype: str 
     for name, m in adapter.modules.items():
         key = layout.tensor_name(name)
         tensors[key + ".lora_a"], tensors[key + ".lora_b"] = gguf_factors(name, m, layout, alpha)
-    arch = layout.family.name
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=folder)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, layout.family.name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -86,12 +83,23 @@ def write_gguf_adapter(adapter: Adapter, layout: Layout, out: str, outtype: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    return out
+
+
+@contextlib.contextmanager
+def atomic_file(out: str) -> Iterator[str]:
+    """A temporary path beside `out` that replaces `out` on success and is removed on failure."""
+    folder = os.path.dirname(os.path.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return out
 
 
 # ---------------------------------------------------------------- read

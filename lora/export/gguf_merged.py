@@ -4,8 +4,7 @@ Everything the base holds is kept: its metadata, tokenizer and chat template, an
 adapter does not touch (quantized or not). Each adapted tensor is dequantized, gets scaling * B @ A in one addmm
 (rows in llama.cpp's rotary order for q/k), and is written as F32, F16 or Q8_0.
 """
-import os
-import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import gguf
@@ -14,7 +13,7 @@ import torch
 
 from ..checkpoint import Adapter, ModuleAdapter, fingerprint_mismatch
 from ..errors import LoraError
-from .gguf_adapter import refuse_unloadable
+from .gguf_adapter import atomic_file, refuse_unloadable
 from .layout import BY_GGUF_NAME, Layout, rope_reorder, rope_restore
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -94,33 +93,33 @@ def write_gguf_merged(adapter: Adapter, base_gguf: str, out: str, outtype: str =
             raise LoraError(f"{adapter.path} does not fit {base_gguf}: {tensor} is {shape or 'missing'} there, the "
                             f"adapter needs {expected}; give the GGUF of the base model it was trained on")
     check_base(adapter, base_gguf, layout, {name: by_name[t] for t, (name, _) in changed.items()})
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=folder)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, layout.family.name)
+
+    def fold(t: gguf.ReaderTensor) -> torch.Tensor | None:
+        return merged_tensor(dequantized(t), *changed[t.name], layout) if t.name in changed else None
+    return rewrite_gguf(reader, out, fold, outtype)
+
+
+def rewrite_gguf(reader: gguf.GGUFReader, out: str, new_tensor: Callable[[gguf.ReaderTensor], torch.Tensor | None],
+                 outtype: str) -> str:
+    """Copy a GGUF model file to `out` (atomically): all metadata, and each tensor's bytes unless `new_tensor`
+    gives a new value for it, which is written as `outtype`."""
+    with atomic_file(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, str(_value(reader, gguf.Keys.General.ARCHITECTURE)))
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
                 continue  # the writer writes these itself
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
         for t in reader.tensors:
-            if t.name in changed:
-                name, m = changed[t.name]
-                data = encode(merged_tensor(dequantized(t), name, m, layout), outtype, t.name)
-                writer.add_tensor(t.name, data, raw_dtype=OUTTYPES[outtype])
-            else:  # the base's own bytes
+            new = new_tensor(t)
+            if new is None:  # the base's own bytes
                 writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+            else:
+                writer.add_tensor(t.name, encode(new, outtype, t.name), raw_dtype=OUTTYPES[outtype])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return out
 
 
