@@ -243,3 +243,32 @@ def test_cli_exports_a_task_of_the_mapper(tiny_llama, llama_adapter, tmp_path, c
     assert gguf_values(out)[1]["general.type"] == "adapter"
     assert lora_cli([*argv[:6], "nothing", *argv[7:]]) == 2
     assert "neither a checkpoint folder nor a .gguf file" in capsys.readouterr().err
+
+
+def test_llama_cpp_adapters_from_elsewhere_are_tasks(tiny_llama, llama_adapter, tmp_path):
+    """An adapter llama.cpp's own converter wrote (no head counts, no task metadata) loads given the base's config."""
+    ours = lora.export_gguf_adapter(tiny_llama, llama_adapter, tmp_path / "ours.gguf")
+    reader = gguf.GGUFReader(ours)
+    theirs = str(tmp_path / "adapters" / "colors.gguf")
+    os.makedirs(os.path.dirname(theirs))
+    writer = gguf.GGUFWriter(theirs, "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 8.0)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(lora.LoraError, match="head counts"):
+        lora.read_gguf_adapter(theirs)
+    model, tokenizer = lora.load_model(tiny_llama)
+    back = lora.read_gguf_adapter(theirs, model.config)
+    original = lora.read_gguf_adapter(ours)
+    for name, m in original.modules.items():
+        assert torch.equal(back.modules[name].B, m.B) and back.modules[name].scaling == m.scaling
+    mt = lora.MultiTaskModel(model, tmp_path / "adapters", tokenizer=tokenizer)  # a folder of adapters
+    assert mt.downstreams == ["colors"]
+    mt.add_downstream("ours", ours)
+    assert isinstance(mt.generate_response("ours", "What colour is the apple?", max_new_tokens=4), str)
