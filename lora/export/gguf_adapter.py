@@ -93,12 +93,17 @@ def atomic_file(out: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; an exported model is shared like any other
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise LoraError(f"cannot write {out}: {e.strerror or e}; free space or pass another --out") from None
         raise
 
 
@@ -109,8 +114,8 @@ def _field(reader: gguf.GGUFReader, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def _open(path: str, root: str | None) -> tuple[gguf.GGUFReader, list[tuple[str, np.ndarray]], dict[str, Any]]:
-    """(reader, [(tensor name, float32 array in PyTorch's layout)], metadata), the file read once (see lora.files)."""
+def _open(path: str, root: str | None) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
+    """([(tensor name, float32 array in PyTorch's layout)], metadata), the file read once (see lora.files)."""
     data = read_bytes(path, what="GGUF adapter", max_bytes=MAX_WEIGHTS_BYTES, root=root)
     with tempfile.NamedTemporaryFile(suffix=".gguf") as copy:  # the bytes checked are the bytes parsed
         copy.write(data)
@@ -123,7 +128,7 @@ def _open(path: str, root: str | None) -> tuple[gguf.GGUFReader, list[tuple[str,
             meta = {key: _field(reader, key) for key in reader.fields}
         except (ValueError, KeyError, IndexError, NotImplementedError) as e:
             raise LoraError(f"{path} is not a readable GGUF file ({e}); re-export the adapter") from None
-    return reader, tensors, meta
+    return tensors, meta
 
 
 def _heads(meta: dict[str, Any], arch: str, config: Any) -> tuple[int, int]:
@@ -146,7 +151,7 @@ def read_gguf_adapter(path: str, config: Any = None, root: str | None = None) ->
         root: as for lora.read_adapter: the file must lie inside this folder (a server's --adapter-root).
     """
     path = os.fspath(path)
-    _, tensors, meta = _open(path, root)
+    tensors, meta = _open(path, root)
     if meta.get("general.type") != "adapter" or meta.get(gguf.Keys.Adapter.TYPE) != "lora":
         raise LoraError(f"{path} is not a LoRA adapter GGUF (general.type={meta.get('general.type')!r}, "
                         f"adapter.type={meta.get(gguf.Keys.Adapter.TYPE)!r}); give llama.cpp's LoRA adapter file")
@@ -156,7 +161,7 @@ def read_gguf_adapter(path: str, config: Any = None, root: str | None = None) ->
         raise LoraError(f"{path} is an adapter for llama.cpp's {arch!r} models; this package reads adapters for "
                         f"{', '.join(BY_GGUF_NAME)} models")
     alpha = float(meta.get(gguf.Keys.Adapter.LORA_ALPHA) or 0.0)
-    blocks = [int(m[1]) for name, _ in tensors if (m := re.match(r"blk\.(\d+)\.", name))]
+    blocks = [int(match[1]) for name, _ in tensors if (match := re.match(r"blk\.(\d+)\.", name))]
     n_head, n_head_kv = _heads(meta, arch, config)
     layout = Layout(family, max(blocks, default=-1) + 1, n_head, n_head_kv, tied_head=False)
     modules_by_tensor = layout.module_names()
@@ -183,9 +188,9 @@ def read_gguf_adapter(path: str, config: Any = None, root: str | None = None) ->
             raise LoraError(f"{path}: the adapter for {tensor} contains NaN or Inf values; re-export it")
         heads = layout.rope_heads(name)
         if heads is not None:
-            if heads <= 0:
-                raise LoraError(f"{path} adapts {tensor} but records no head counts, which undoing llama.cpp's q/k "
-                                "row order needs; load it with the base model's config")
+            if heads <= 0 or B.shape[0] % (2 * heads):
+                raise LoraError(f"{path} adapts {tensor} but records no usable head counts, which undoing llama.cpp's "
+                                "q/k row order needs; load it with the base model's config")
             B = rope_restore(B, heads).contiguous()
         r = A.shape[0]
         modules[name] = ModuleAdapter(A, B, alpha / r if alpha else 1.0, embedding)
