@@ -7,8 +7,9 @@ For each task: `lora export --format gguf-adapter`, then llama.cpp (llama-cpp-py
 SmolLM2's packaged GGUF rewritten with every tensor in F32 (the very weights `lora.load_model` dequantizes)
 with the adapter, and greedily decodes the task's first test prompts, rendered as training rendered them,
 ignoring end-of-sequence; this engine decodes the same prompt ids with the task merged (mode "merged").
-Prints, per task, how many answers agree token for token and how far they agree, and both decode speeds
-(one request at a time, the same thread count). Needs `pip install llama-cpp-python` (see bench/README.md).
+Prints, per task, how many answers agree token for token and how far they agree, and both speeds (one request
+at a time, the same thread count): tokens/s after the first token, and the time to it. Needs llama-cpp-python
+(see bench/README.md).
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,35 +56,61 @@ def f32_base(path):
     return path
 
 
+@dataclass
+class Timing:
+    """Where decoding time went, over all prompts: prompt processing up to the first token, then each next token."""
+    first_token_seconds: float = 0.0
+    next_tokens: int = 0
+    next_token_seconds: float = 0.0
+
+    def add(self, started, stamps):
+        self.first_token_seconds += stamps[0] - started
+        self.next_tokens += len(stamps) - 1
+        self.next_token_seconds += stamps[-1] - stamps[0]
+
+    @property
+    def tokens_per_s(self):
+        return self.next_tokens / self.next_token_seconds
+
+
 def llama_cpp_tokens(base, adapter_gguf, prompts, n, threads):
-    """Greedy ids of llama.cpp with the adapter for each prompt (EOS ignored), and the seconds spent decoding."""
+    """Greedy ids of llama.cpp with the adapter for each prompt (EOS ignored), and their Timing."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=base, lora_path=adapter_gguf, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
-    answers, seconds = [], 0.0
+    answers, timing = [], Timing()
     for ids in prompts:
-        llm.reset()
-        started, out = time.perf_counter(), []
+        started, stamps, out = time.perf_counter(), [], []
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            stamps.append(time.perf_counter())
             out.append(int(token))
             if len(out) == n:
                 break
-        seconds += time.perf_counter() - started
+        timing.add(started, stamps)
         answers.append(out)
     del llm
-    return answers, seconds
+    return answers, timing
 
 
 def engine_tokens(mt, task, prompts, n):
-    """The engine's greedy ids on the task's merged weights, one request at a time, and the seconds spent."""
+    """The engine's greedy ids on the task's merged weights, one request at a time, and their Timing."""
     engine = Engine(mt, max_num_seqs=1, mode="merged")
-    answers, seconds = [], 0.0
+    answers, timing = [], Timing()
     for ids in prompts:
-        started = time.perf_counter()
-        out = engine.generate([ids], [task], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
-        seconds += time.perf_counter() - started
-        answers.append(list(getattr(out, "token_ids", None) or out.new_token_ids)[:n])
-    return answers, seconds
+        started, stamps, tokens, done = time.perf_counter(), [], [], []
+
+        def on_output(out, stamps=stamps, tokens=tokens, done=done):
+            stamps.append(time.perf_counter())
+            new = getattr(out, "new_token_ids", None)  # the engine contract's per-step ids; older: all ids so far
+            tokens[:] = tokens + list(new) if new is not None else list(out.token_ids)
+            if out.finished:
+                done.append(out)
+        engine.add_request(ids, task, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), on_output)
+        while not done:
+            engine.step()
+        timing.add(started, stamps)
+        answers.append(tokens[:n])
+    return answers, timing
 
 
 def agreement(a, b):
@@ -115,19 +143,20 @@ def main():
         records = load_records(os.path.join(ROOT, "examples", task, "test.json"))[: args.prompts]
         prompts = [mt.prompt_ids({"downstream": task, "instruction": r["instruction"], "input": r["input"]})
                    for r in records]
-        ours, our_seconds = engine_tokens(mt, task, prompts, args.tokens)
-        theirs, their_seconds = llama_cpp_tokens(base, adapter_gguf, prompts, args.tokens, args.threads)
+        ours, our_time = engine_tokens(mt, task, prompts, args.tokens)
+        theirs, their_time = llama_cpp_tokens(base, adapter_gguf, prompts, args.tokens, args.threads)
         same = [agreement(a, b) for a, b in zip(ours, theirs)]
         row = {"task": task, "prompts": len(prompts), "tokens": args.tokens,
                "identical": sum(s == args.tokens for s in same), "min_agreeing_tokens": min(same),
-               "engine_tokens_per_s": len(prompts) * args.tokens / our_seconds,
-               "llama_cpp_tokens_per_s": len(prompts) * args.tokens / their_seconds,
+               "engine": {"tokens_per_s": our_time.tokens_per_s, "prompt_seconds": our_time.first_token_seconds},
+               "llama_cpp": {"tokens_per_s": their_time.tokens_per_s, "prompt_seconds": their_time.first_token_seconds},
                "adapter_gguf_bytes": os.path.getsize(adapter_gguf),
                "first_answer": {"engine": mt.tokenizer.decode(ours[0]), "llama_cpp": mt.tokenizer.decode(theirs[0])}}
         results.append(row)
         print(f"{task:<20} {row['identical']}/{row['prompts']} answers identical over {args.tokens} tokens "
-              f"(shortest agreement {row['min_agreeing_tokens']}); engine {row['engine_tokens_per_s']:.1f} tok/s, "
-              f"llama.cpp {row['llama_cpp_tokens_per_s']:.1f} tok/s")
+              f"(shortest agreement {row['min_agreeing_tokens']}); decode: engine {our_time.tokens_per_s:.1f} tok/s, "
+              f"llama.cpp {their_time.tokens_per_s:.1f} tok/s; prompts to first token: engine "
+              f"{our_time.first_token_seconds:.2f} s, llama.cpp {their_time.first_token_seconds:.2f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu": cpu_model(), "threads": args.threads, "adapters": source, "results": results}, f,
