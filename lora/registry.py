@@ -13,6 +13,7 @@ import torch
 from .checkpoint import Adapter, ModuleAdapter, check_compatible, read_adapter
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, read_text
+from .gguf_adapter import is_gguf, read_gguf_adapter
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -84,8 +85,9 @@ def read_mapper(mapper: str | os.PathLike | dict | None) -> dict[str, str]:
         return {str(k): os.fspath(v) for k, v in mapper.items()}
     mapper = os.fspath(mapper)
     if os.path.isdir(mapper):
-        return {e.name: e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
-                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))}
+        return {e.name.removesuffix(".gguf"): e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
+                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))
+                or e.is_file() and e.name.endswith(".gguf")}
     try:
         entries = json.loads(read_text(mapper, what="checkpoint mapper", max_bytes=MAX_JSON_BYTES))
     except (ValueError, RecursionError) as e:
@@ -154,7 +156,7 @@ class Registry:
         """Register a task (replacing one of that name); its checkpoint is read on first use, not now, unless
         it comes `checked` already (then that very adapter is the one used: nothing is read twice)."""
         path = os.fspath(path)
-        if root is None and checked is None and not os.path.isdir(path):
+        if root is None and checked is None and not (os.path.isdir(path) or is_gguf(path) and os.path.isfile(path)):
             raise LoraError(f"checkpoint for task {name!r} not found at {path}; check the mapper entry")
         self.unregister(name)
         self.registrations[name] = Registration(path, next(_registrations), root)
@@ -197,9 +199,15 @@ class Registry:
 
     def _read(self, name: str) -> Adapter:
         registration = self.registrations[name]
-        checked = self.check_adapter(read_adapter(registration.path, root=registration.root), name)
+        checked = self.check_adapter(self.read(registration.path, registration.root), name)
         self._store(name, checked)
         return checked.adapter
+
+    def read(self, path: str, root: str | None = None) -> Adapter:
+        """A task's checkpoint: a PEFT-format folder, or a llama.cpp LoRA adapter file (.gguf)."""
+        if is_gguf(path):  # the base's config undoes the rotary row order of files from llama.cpp's converter
+            return read_gguf_adapter(path, config=self.model.config, root=root)
+        return read_adapter(path, root=root)
 
     def _store(self, name: str, checked: CheckedAdapter) -> None:
         self.meta = {**self.meta, name: dict(checked.adapter.task)}

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Adapter, read_adapter
+from .checkpoint import Adapter
 from .errors import LoraError
 from .mixed import MixedAdapters
 from .models import load_model
@@ -96,7 +96,8 @@ class Tasks:
     def check_adapter(self, path: str | os.PathLike, root: str | None = None) -> CheckedAdapter:
         """Read a checkpoint and check it against the base model without registering it; no lock is taken, so
         a server does this in a worker thread and then registers the result between two engine steps."""
-        return self.registry.check_adapter(read_adapter(path, root=root), os.path.basename(os.fspath(path)))
+        path = os.fspath(path)
+        return self.registry.check_adapter(self.registry.read(path, root), os.path.basename(path))
 
     def remove_downstream(self, name: str) -> None:
         with self.lock:
