@@ -11,6 +11,7 @@ from lora.quant import (
     Int8Linear,
     dense_weight,
     dequantize_model,
+    is_quantized,
     model_quantization,
     quantization_config,
     quantize_model,
@@ -167,7 +168,7 @@ def nbytes(model, names):
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8", "w8a16"])
-def test_merge_is_refused_on_packed_weights_and_works_after_dequantizing(tiny_llama, tiny_tokenizer, method):
+def test_merge_goes_through_a_dequantized_copy_and_says_so(tiny_llama, tiny_tokenizer, method, capsys):
     model = lora.load_model(tiny_llama, quantize=method)[0]
     lora.inject(model, ["q_proj", "o_proj"], r=4)
     torch.manual_seed(2)
@@ -176,11 +177,11 @@ def test_merge_is_refused_on_packed_weights_and_works_after_dequantizing(tiny_ll
     batch = token_batch(tiny_tokenizer)
     expected = logits(model.train(), batch)
     with pytest.raises(lora.LoraError, match=r"cannot merge .* quantized .*\(lora.quant.dequantize_model\)"):
-        lora.merge_and_unload(model)
-    assert dequantize_model(model)
-    assert model_quantization(model) is None
+        model.model.layers[0].self_attn.q_proj.merged()  # a packed layer alone refuses
     merged = lora.merge_and_unload(model)
-    assert not lora.lora_layers(merged)
+    assert "merging into a de-quantized float copy of its 14 quantized layers" in capsys.readouterr().err
+    assert not lora.lora_layers(merged) and model_quantization(merged) is None
+    assert not any(is_quantized(m) for m in merged.modules())
     tolerance = 2e-2 if method == "w8a16" else 1e-4  # w8a16 runs bfloat16 activations, the float copy float32
     torch.testing.assert_close(logits(merged, batch), expected, rtol=tolerance, atol=tolerance)
 
