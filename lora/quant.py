@@ -244,6 +244,12 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
 
 
+def num_parameters(model: nn.Module) -> int:
+    """The parameters a model holds, a packed weight counted as the float weight it stands for."""
+    return sum(m.in_features * m.out_features if name == "weight" and is_quantized(m) else p.numel()
+               for m in model.modules() for name, p in m.named_parameters(recurse=False))
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """A Linear's (out, in) float weight: itself, or a float32 de-quantized copy where it is packed."""
     weight: Any = module.weight
