@@ -246,8 +246,9 @@ def is_quantized(module: nn.Module) -> bool:
 
 def num_parameters(model: nn.Module) -> int:
     """The parameters a model holds, a packed weight counted as the float weight it stands for."""
+    modules: list[Any] = list(model.modules())
     return sum(m.in_features * m.out_features if name == "weight" and is_quantized(m) else p.numel()
-               for m in model.modules() for name, p in m.named_parameters(recurse=False))
+               for m in modules for name, p in m.named_parameters(recurse=False))
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
