@@ -245,10 +245,13 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def num_parameters(model: nn.Module) -> int:
-    """The parameters a model holds, a packed weight counted as the float weight it stands for."""
+    """The parameters a model holds (a tied one once), a packed weight counted as the float weight it stands for."""
+    counts: dict[int, int] = {}
     modules: list[Any] = list(model.modules())
-    return sum(m.in_features * m.out_features if name == "weight" and is_quantized(m) else p.numel()
-               for m in modules for name, p in m.named_parameters(recurse=False))
+    for m in modules:
+        for name, p in m.named_parameters(recurse=False):
+            counts[id(p)] = m.in_features * m.out_features if name == "weight" and is_quantized(m) else p.numel()
+    return sum(counts.values())
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
