@@ -67,7 +67,8 @@ p.add_argument("--steps", type=int, default=3, help="optimizer steps per trainin
 p.add_argument("--batch_size", type=int, default=4)
 p.add_argument("--seq_len", type=int, default=512)
 p.add_argument("--rank", type=int, default=16)
-p.add_argument("--decode_runs", default="float32,w8a16,w8a16-head,engine-float32,engine-w8a16", help=f"comma-separated: {', '.join(DECODE_RUNS)}")
+p.add_argument("--decode_runs", default="float32,w8a16,w8a16-head,engine-float32,engine-w8a16",
+               help=f"comma-separated: {', '.join(DECODE_RUNS)}")
 p.add_argument("--decode_tokens", type=int, default=128)
 p.add_argument("--repeats", type=int, default=2, help="decode runs per quantization, best kept")
 p.add_argument("--threads", type=int, default=os.cpu_count())
