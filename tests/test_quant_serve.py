@@ -89,10 +89,8 @@ def test_a_task_applied_over_a_quantized_base_is_its_lora_model_and_leaves_no_tr
         assert torch.equal(mt.pretrained_model(ids).logits, base)
 
 
-def test_generate_and_serve_take_quantize_and_int8_means_w8a16(quantized, tiny_llama, tmp_path, capsys):
-    method, mapper, _ = quantized
-    if method != "w8a16":
-        pytest.skip("the int8 flag maps to w8a16")
+def test_generate_and_serve_take_quantize_and_int8_means_w8a16(tiny_llama, tmp_path, capsys):
+    mapper = quantized_adapters(tiny_llama, tmp_path, "w8a16")
     (tmp_path / "mapper.json").write_text(json.dumps({k: str(v) for k, v in mapper.items()}))
     assert main(["generate", "--model", tiny_llama, "--mapper", str(tmp_path / "mapper.json"), "--task", "qa",
                  "--instruction", "What colour is the apple?", "--max_new_tokens", "5", "--device", "cpu",
