@@ -6,6 +6,7 @@ import sys
 from ..engine import Engine
 from ..errors import LoraError
 from ..multitask import MultiTaskModel
+from .common import add_quantize_arguments, quantize_settings
 
 
 def run(args: argparse.Namespace) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
             raise LoraError(f"{flag} must be a positive number of seconds, got {seconds}")
     if args.adapter_root and not os.path.isdir(args.adapter_root):
         raise LoraError(f"--adapter-root {args.adapter_root} is not a folder")
-    mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+    mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype, **quantize_settings(args))
     settings = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
                 "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens,
                 "max_waiting_tokens": args.max_waiting_tokens, "max_loras": args.max_loras,
@@ -77,4 +78,4 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="after SIGTERM, seconds to let requests in flight finish; then their connections close")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    return p
+    return add_quantize_arguments(p)
