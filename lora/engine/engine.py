@@ -71,7 +71,7 @@ class Engine:
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         eos = eos_ids(self.model, self.tokenizer)
         self.runner = ModelRunner(tasks, self.cache, eos, max_tokens=slots + max_prefill_tokens, mode=mode,
-                                  merge_after=merge_after)
+                                  merge_after=merge_after, max_loras=self.max_loras)
         self.outputs = OutputProcessor(self.tokenizer, eos)
         self.dead: BaseException | None = None
         self._cond = threading.Condition()

@@ -54,7 +54,7 @@ class Tasks(Protocol):
 
     def can_mix(self, spec: Spec) -> bool: ...
 
-    def mix(self, tasks: list[str]) -> MixedTasks: ...
+    def mix(self, tasks: list[str], max_loras: int | None = None) -> MixedTasks: ...
 
     def activate(self, spec: Spec) -> None: ...
 
@@ -88,9 +88,9 @@ class ModelRunner:
     """Runs StepPlans on the model; keeps the task policy's state between steps."""
 
     def __init__(self, tasks: Tasks, cache: SlotCache, eos: list[int], *, max_tokens: int, mode: str,
-                 merge_after: int) -> None:
+                 merge_after: int, max_loras: int | None = None) -> None:
         self.tasks, self.model, self.cache = tasks, tasks.pretrained_model, cache
-        self.device, self.mode, self.merge_after = tasks.device, mode, merge_after
+        self.device, self.mode, self.merge_after, self.max_loras = tasks.device, mode, merge_after, max_loras
         self.model.set_attn_implementation(ATTENTION)
         on_gpu = self.device.type != "cpu"
         self._host = torch.zeros(6, max(max_tokens, cache.slots), dtype=torch.long, pin_memory=on_gpu)
@@ -174,7 +174,7 @@ class ModelRunner:
             self.cache.reach(layout.reach)
             context: AbstractContextManager[None] = contextlib.nullcontext()
             if mixed is not None:
-                mixed.select(inputs[TASK, :n][None])
+                mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
             with context:
                 logits = self.model(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
@@ -212,7 +212,7 @@ class ModelRunner:
         names = sorted({name for s in specs if s for name, _ in s})
         if self._mixed is None or not set(names) <= set(self._mixed.tasks) or \
                 len(self._mixed.tasks) > 2 * len(names) + 2:
-            self._mixed = self.tasks.mix(names)
+            self._mixed = self.tasks.mix(names, max_loras=self.max_loras)
         self.tasks.activate(None)
         index = {name: i + 1 for i, name in enumerate(self._mixed.tasks)}
         start = 0
