@@ -23,11 +23,10 @@ import torch
 from ..errors import LoraError
 from . import sampler
 from .attention import ATTENTION, ChunkRows, SlotAttention
+from .compiled import IDS, KEEP, LENGTH, POSITION, SLOT, TASK, CompiledDecode
 from .kv_cache import SlotCache
 from .request import Request, Spec
 from .scheduler import StepPlan
-
-IDS, POSITION, SLOT, TASK, LENGTH, KEEP = range(6)  # rows of the step's input buffer
 
 
 class MixedTasks(Protocol):
@@ -88,7 +87,8 @@ class ModelRunner:
     """Runs StepPlans on the model; keeps the task policy's state between steps."""
 
     def __init__(self, tasks: Tasks, cache: SlotCache, eos: list[int], *, max_tokens: int, mode: str,
-                 merge_after: int, max_loras: int | None = None) -> None:
+                 merge_after: int, max_loras: int | None = None, enforce_eager: bool = True,
+                 compile_backend: str = "inductor") -> None:
         self.tasks, self.model, self.cache = tasks, tasks.pretrained_model, cache
         self.device, self.mode, self.merge_after, self.max_loras = tasks.device, mode, merge_after, max_loras
         self.model.set_attn_implementation(ATTENTION)
@@ -104,6 +104,8 @@ class ModelRunner:
         self._mixed: MixedTasks | None = None
         self._merged_steps = 0
         self._spec: Spec = None
+        self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device,
+                                                                    compile_backend)
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Each sampled request's next token; requests of a failing task get their error instead."""
@@ -176,10 +178,13 @@ class ModelRunner:
             if mixed is not None:
                 mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
+            forward: Any = self.model
+            if mixed is None and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
+                forward = self.compiled  # a decode step on plain or merged weights
             with context:
-                logits = self.model(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
-                                    attention_mask=self._no_mask, use_cache=False,
-                                    logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
+                logits = forward(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
+                                 attention_mask=self._no_mask, use_cache=False,
+                                 logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
         if not sampled:
             return {}
         finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
