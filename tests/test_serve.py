@@ -532,7 +532,8 @@ def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapter
     env = {**os.environ, "LORA_API_KEY": "k3y", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "lora.cli", "serve", "--model", tiny_llama, "--mapper", str(mapper),
-                             "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu"],
+                             "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu",
+                             "--enforce-eager"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> None:
         raise LoraError(f"--adapter-root {args.adapter_root} is not a folder")
     mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
     settings = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
-                "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens}
+                "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens,
+                "enforce_eager": args.enforce_eager}
     engine = Engine(mt, **{k: v for k, v in settings.items() if v is not None})  # unset: the engine's defaults
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     app = create_app(mt, engine, served_model_name=name, adapter_root=args.adapter_root,
@@ -57,4 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="requests that may wait for the engine (default: the engine's); past it, 429 with Retry-After")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never compile the decode step (by default it compiles with torch.compile in the background)")
     return p
