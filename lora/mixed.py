@@ -160,7 +160,9 @@ def segments(token_slots: np.ndarray, device: torch.device) -> Segments | None:
     full = len(positions) == len(rows)
     valid = np.zeros(len(rows), dtype=bool)
     valid[positions] = True
-    as_tensor = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+
+    def as_tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, device=device)
     return Segments(length, as_tensor(rows), None if full else as_tensor(valid).view(len(padded), length, 1),
                     None if full else as_tensor(positions), as_tensor(kept_rows),
                     as_tensor(np.repeat(padded, length)), slice(lo, hi) if len(padded) == hi - lo else None,
