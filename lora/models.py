@@ -20,6 +20,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def model_name(config) -> str:  # noqa: ANN001 - any transformers PretrainedConfig
+    """The base model's default served name: its folder's name, never the local path (servers show it to clients)."""
+    return os.path.basename(os.path.normpath(getattr(config, "_name_or_path", "") or "")) or "base"
+
+
 def cache_dir() -> str:
     return os.environ.get("LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-pytorch")
 
@@ -94,9 +99,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
-    tokenizer.padding_side = "left"  # generation appends on the right
-    return tokenizer
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
 
 
 def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,

@@ -1,6 +1,4 @@
 """The compiled decode step (torch.compile): compiled in the background, then taken, and equal to eager (float32)."""
-import os
-
 import pytest
 
 from lora.engine import Engine, SamplingParams
@@ -31,7 +29,6 @@ def test_captured_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
     answers_as_eager(mt, "eager")  # torch.compile's graph capture, without inductor's minutes of code generation
 
 
-@pytest.mark.skipif(not os.environ.get("LORA_SLOW_TESTS"), reason="inductor compiles for minutes on a 2-core CPU; "
-                    "LORA_SLOW_TESTS=1 runs it")
+@pytest.mark.slow  # inductor compiles for minutes on a 2-core CPU: pytest -m slow
 def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
     answers_as_eager(mt, "inductor")
