@@ -3,8 +3,9 @@
 Compiling takes minutes on a small CPU, so it never holds up a request: a background thread compiles the
 forward for decode steps (one token per running sequence, any batch size and length: `dynamic=True`) on a
 scratch KV cache of the same shape as the engine's, while eager steps serve; once `ready` is set the runner
-uses it for steps that only decode on plain or merged weights. Prompt chunks and mixed-task steps (whose
-per-token updates are forward hooks) stay eager. If compiling fails the engine logs why and stays eager.
+uses it for steps that only decode on plain or merged weights (any other kind of decode step runs eager,
+never recompiling on the serving thread). Prompt chunks and mixed-task steps (whose per-token updates are
+forward hooks) stay eager. If compiling fails the engine logs why and stays eager.
 Parameters are inputs of the compiled graph, not constants (no inductor freezing), so switching a task's
 merged weights in never needs a recompile.
 """
@@ -57,8 +58,10 @@ class CompiledDecode:
         self._thread.start()
 
     def __call__(self, **inputs: Any) -> Any:
+        """One decode step; a kind of step the warm-up did not compile runs eager rather than wait on a compile."""
         self.steps += 1
-        return self.forward(**inputs)
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self.forward(**inputs)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until compiling ends (True when the compiled step is ready)."""
