@@ -12,6 +12,7 @@ merged weights in never needs a recompile.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -22,6 +23,11 @@ from .attention import SlotAttention
 from .kv_cache import SlotCache
 
 log = logging.getLogger("lora.engine")
+
+
+def say(line: str) -> None:
+    """A progress line on stderr, as `lora serve` prints its own: no logging setup needed to see it."""
+    print(line, file=sys.stderr, flush=True)
 
 
 IDS, POSITION, SLOT, TASK, LENGTH, KEEP = range(6)  # rows of a step's input buffer (see runner)
@@ -73,7 +79,8 @@ class CompiledDecode:
         compiler specialises size 1) in slot 0 or another, several in slots 0..n-1 or with idle slots between
         them, each at two lengths (the first value of a size is specialised, the next makes it dynamic)."""
         start = time.perf_counter()
-        log.info("compiling the decode step in the background (torch.compile); eager steps serve meanwhile")
+        say("compiling the decode step in the background (torch.compile; --enforce-eager turns it off); "
+            "eager steps serve meanwhile")
         scratch = SlotCache(self._cache.slots, self._cache.max_len, prefix_caching=False)
         kinds = [([0], 2), ([0], 3), ([1], 3), ([0, 1], 3), ([0, 1], 4), ([0, 2], 4), ([0, 2], 5)]
         try:
@@ -89,5 +96,5 @@ class CompiledDecode:
             return
         finally:
             scratch.layers.clear()
-        log.info("the compiled decode step is ready (%.0f s)", time.perf_counter() - start)
+        say(f"the compiled decode step is ready ({time.perf_counter() - start:.0f} s)")
         self.ready.set()
