@@ -156,3 +156,33 @@ def test_each_token_gets_its_own_tasks_update_however_the_step_groups_them(tmp_p
                 with mixed.attached():
                     got = module(x)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{step}: {module_name}")
+
+
+def test_a_new_task_takes_the_least_recently_used_slot_and_older_mixes_stay_exact(tmp_path, tiny_llama):
+    """Two slots, three tasks: a third task evicts the least recently used one; a mix made before still gives
+    each token its own task's update (it takes its task's slot back), and a re-registered task its new weights."""
+    paths = {name: make_adapter(tiny_llama, tmp_path / name, ["q_proj"], seed=i) for i, name in enumerate("abc")}
+    adapters = {name: lora.read_adapter(path) for name, path in paths.items()}
+    mt = MultiTaskModel(tiny_llama, paths)
+    mt.activate(None)
+    module_name = next(iter(adapters["a"].modules))
+    module = mt.pretrained_model.get_submodule(module_name)
+    x = torch.randn(1, 4, module.in_features, generator=torch.Generator().manual_seed(0))
+
+    def check(mixed, row_tasks):
+        mixed.select(torch.tensor([[mixed.tasks.index(t) + 1 for t in row_tasks]]))
+        with torch.no_grad():
+            expected = module(x)
+            for i, task in enumerate(row_tasks):
+                m = adapters[task].modules[module_name]
+                expected[0, i] += lora.layers.lora_update(x[0, i:i + 1], m.A, m.B, m.scaling)[0]
+            with mixed.attached():
+                torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+
+    first = mt.mix(["a", "b"], max_loras=2)
+    check(first, ["a", "b", "b", "a"])
+    check(mt.mix(["c"]), ["c"] * 4)  # takes a's slot, the least recently used
+    check(first, ["b", "a", "a", "b"])  # a comes back (into c's slot)
+    mt.add_downstream("b", paths["c"])  # b now means other weights
+    adapters["b"] = adapters["c"]
+    check(first, ["b", "a", "b", "a"])
