@@ -8,14 +8,15 @@ import contextlib
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import Adapter
 from .errors import LoraError
-from .mixed import MixedAdapters
+from .hooked import HookedUpdate
+from .mixed import AdapterSlots, MixedAdapters
 from .models import load_model
 from .quant import is_quantized, quantize_model
 from .registry import CheckedAdapter, Registry, read_mapper
@@ -75,6 +76,7 @@ class Tasks:
         self.switch = Switch(hf_model, merged_cache_bytes)
         self.registry = Registry(hf_model, self.switch.base_weight, self.device, cache_bytes, host_cache_bytes)
         self.lock = threading.RLock()  # held by whoever changes or runs the weights: a switch, an engine step
+        self.slots: AdapterSlots | None = None  # adapters of mixed batches (see mix)
         for name, path in read_mapper(mapper).items():
             self.add_downstream(name, path)
 
@@ -204,9 +206,7 @@ class Tasks:
         keep = dict(spec)
         parts = [(weight, self.registry.adapter(name, keep)) for name, weight in spec]  # read and validated
         self.registry.check_update(spec, self.update_dtype)
-        update = MixedAdapters(self.pretrained_model, ["+".join(keep)], [parts], self.update_dtype)
-        update.select(torch.tensor(1, device=self.device))  # every token
-        self._hooks.enter_context(update.attached())
+        self._hooks.enter_context(HookedUpdate(self.pretrained_model, parts, self.update_dtype).attached())
         self._hooked = spec
 
     def activate(self, downstream: Downstream) -> None:
@@ -234,13 +234,31 @@ class Tasks:
         """A normalized spec can share a mixed batch if it is the base or one task at weight 1, not a blend."""
         return spec is None or (len(spec) == 1 and spec[0][1] == 1.0)
 
-    def mix(self, tasks: list[str]) -> MixedAdapters:
-        """Per-token updates for a set of tasks, built once and attached per forward (see MixedAdapters).
+    def mix(self, tasks: list[str], max_loras: int | None = None) -> MixedAdapters:
+        """Per-token updates for a set of tasks, attached per forward (see lora.mixed.MixedAdapters).
 
-        Run them over the base weights: `tasks.activate(None)`, `.select(index)`, then `with .attached():`.
+        Each task takes one of `max_loras` preallocated adapter slots (more when a call needs more), read and
+        checked when it first takes one; tasks already in a slot cost nothing. Run them over the base
+        weights: `tasks.activate(None)`, `.select(index)`, then `with .attached():`.
         """
         with self.lock:
-            adapters = [self.registry.adapter(t, keep={*tasks, *dict(self.active or ())}) for t in tasks]
-            for name in tasks:
-                self.registry.check_update(((name, 1.0),), self.update_dtype)
-            return MixedAdapters(self.pretrained_model, tasks, adapters, self.update_dtype)
+            capacity = max(max_loras or 1, len(tasks))
+            if self.slots is None:
+                self.slots = AdapterSlots(self.pretrained_model, self.update_dtype, capacity)
+            elif capacity > self.slots.capacity:
+                self.slots.resize(capacity)
+            self._acquire(tasks)
+            return MixedAdapters(self.slots, tasks, self._acquire)
+
+    def _acquire(self, tasks: Sequence[str]) -> list[int]:
+        """Each task's adapter slot, reading and checking those not in one."""
+        with self.lock:
+            self.registry.check(list(tasks))
+            assert self.slots is not None
+            keys = [(name, self.registry.registrations[name].number) for name in tasks]
+            return self.slots.acquire(keys, self._read_checked)
+
+    def _read_checked(self, name: str) -> Adapter:
+        adapter = self.registry.adapter(name, keep={name, *dict(self.active or ())})
+        self.registry.check_update(((name, 1.0),), self.update_dtype)
+        return adapter

@@ -119,3 +119,70 @@ def test_half_precision_update_is_rounded_once(tmp_path, tiny_llama, dtype):
     assert (outputs[torch.float32] != exact).float().mean() < 0.01
     assert (outputs[dtype] != exact).float().mean() > 0.1  # the test can tell the two apart
     assert (base + update.to(dtype) != exact).float().mean() > 0.1
+
+
+def test_each_token_gets_its_own_tasks_update_however_the_step_groups_them(tmp_path, tiny_llama):
+    """Decode-like steps (a token or a few per task), a prompt chunk beside single tokens, tasks in slots far
+    apart, ranks that differ and an adapted embedding: every token gets exactly its own task's update."""
+    paths = {f"t{i}": make_adapter(tiny_llama, tmp_path / f"t{i}", ["embed_tokens", "q_proj"] if i % 2 else ["q_proj"],
+                                   seed=i, r=2 + 2 * (i % 3)) for i in range(6)}
+    adapters = {name: lora.read_adapter(path) for name, path in paths.items()}
+    mt = MultiTaskModel(tiny_llama, paths)
+    mt.activate(None)
+    names = sorted(paths)
+    assert mt.mix(names, max_loras=6).tasks == tuple(names)  # every slot taken, in order
+    generator = torch.Generator().manual_seed(0)
+    steps = {"balanced": [t for t in [*names, None] for _ in range(4)],
+             "chunk beside single tokens": ["t2"] * 40 + names + [None] * 3,
+             "slots far apart": ["t5", "t0", None, "t5", "t0", "t0"],
+             "one task": ["t3"] * 9}
+    for step, row_tasks in steps.items():
+        order = torch.randperm(len(row_tasks), generator=generator).tolist()
+        row_tasks = [row_tasks[i] for i in order]
+        tasks = sorted({t for t in row_tasks if t})
+        mixed = mt.mix(tasks)
+        mixed.select(torch.tensor([[0 if t is None else tasks.index(t) + 1 for t in row_tasks]]))
+        for module_name in adapters["t1"].modules:
+            module = mt.pretrained_model.get_submodule(module_name)
+            embedding = isinstance(module, torch.nn.Embedding)
+            x = torch.randint(0, module.num_embeddings, (1, len(row_tasks)), generator=generator) if embedding else \
+                torch.randn(1, len(row_tasks), module.in_features, generator=generator)
+            with torch.no_grad():
+                expected = module(x)
+                for i, task in enumerate(row_tasks):
+                    m = adapters[task].modules.get(module_name) if task else None
+                    if m is not None:
+                        expected[0, i] += lora.layers.lora_update(x[0, i:i + 1], m.A, m.B, m.scaling, embedding)[0]
+                with mixed.attached():
+                    got = module(x)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{step}: {module_name}")
+
+
+def test_a_new_task_takes_the_least_recently_used_slot_and_older_mixes_stay_exact(tmp_path, tiny_llama):
+    """Two slots, three tasks: a third task evicts the least recently used one; a mix made before still gives
+    each token its own task's update (it takes its task's slot back), and a re-registered task its new weights."""
+    paths = {name: make_adapter(tiny_llama, tmp_path / name, ["q_proj"], seed=i) for i, name in enumerate("abc")}
+    adapters = {name: lora.read_adapter(path) for name, path in paths.items()}
+    mt = MultiTaskModel(tiny_llama, paths)
+    mt.activate(None)
+    module_name = next(iter(adapters["a"].modules))
+    module = mt.pretrained_model.get_submodule(module_name)
+    x = torch.randn(1, 4, module.in_features, generator=torch.Generator().manual_seed(0))
+
+    def check(mixed, row_tasks):
+        mixed.select(torch.tensor([[mixed.tasks.index(t) + 1 for t in row_tasks]]))
+        with torch.no_grad():
+            expected = module(x)
+            for i, task in enumerate(row_tasks):
+                m = adapters[task].modules[module_name]
+                expected[0, i] += lora.layers.lora_update(x[0, i:i + 1], m.A, m.B, m.scaling)[0]
+            with mixed.attached():
+                torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+
+    first = mt.mix(["a", "b"], max_loras=2)
+    check(first, ["a", "b", "b", "a"])
+    check(mt.mix(["c"]), ["c"] * 4)  # takes a's slot, the least recently used
+    check(first, ["b", "a", "a", "b"])  # a comes back (into c's slot)
+    mt.add_downstream("b", paths["c"])  # b now means other weights
+    adapters["b"] = adapters["c"]
+    check(first, ["b", "a", "b", "a"])

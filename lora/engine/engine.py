@@ -47,12 +47,17 @@ class Engine:
         max_loras: distinct tasks in one step (default: no limit beyond the slots).
         aging_steps: steps a request that must run alone may wait before it stops later ones from joining.
         enable_prefix_caching: a request reuses the K/V of a free slot that holds a prefix of its prompt.
+        enforce_eager: False compiles decode steps with torch.compile in a background thread while eager steps
+            serve (see engine.compiled; minutes of CPU on a small machine, so a library engine is eager unless
+            asked; `lora serve` compiles unless --enforce-eager).
+        compile_backend: torch.compile's backend ("eager": the graph capture alone, no code generation).
     """
 
     def __init__(self, tasks: Tasks, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  kv_cache_bytes: float | None = None, max_prefill_tokens: int = 512, max_waiting: int = 1024,
                  mode: str = "auto", merge_after: int = 8, max_waiting_tokens: int = 1 << 22,
-                 max_loras: int | None = None, aging_steps: int = 32, enable_prefix_caching: bool = True) -> None:
+                 max_loras: int | None = None, aging_steps: int = 32, enable_prefix_caching: bool = True,
+                 enforce_eager: bool = True, compile_backend: str = "inductor") -> None:
         self.tasks, self.model, self.tokenizer = tasks, tasks.pretrained_model, tasks.tokenizer
         context = context_length(self.model.config)
         self.max_model_len = max_model_len or min(context, 4096)
@@ -71,7 +76,8 @@ class Engine:
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         eos = eos_ids(self.model, self.tokenizer)
         self.runner = ModelRunner(tasks, self.cache, eos, max_tokens=slots + max_prefill_tokens, mode=mode,
-                                  merge_after=merge_after)
+                                  merge_after=merge_after, max_loras=self.max_loras, enforce_eager=enforce_eager,
+                                  compile_backend=compile_backend)
         self.outputs = OutputProcessor(self.tokenizer, eos)
         self.dead: BaseException | None = None
         self._cond = threading.Condition()

@@ -23,11 +23,10 @@ import torch
 from ..errors import LoraError
 from . import sampler
 from .attention import ATTENTION, ChunkRows, SlotAttention
+from .compiled import IDS, KEEP, LENGTH, POSITION, SLOT, TASK, CompiledDecode
 from .kv_cache import SlotCache
 from .request import Request, Spec
 from .scheduler import StepPlan
-
-IDS, POSITION, SLOT, TASK, LENGTH, KEEP = range(6)  # rows of the step's input buffer
 
 
 class MixedTasks(Protocol):
@@ -58,7 +57,7 @@ class Tasks(Protocol):
 
     def can_mix(self, spec: Spec) -> bool: ...
 
-    def mix(self, tasks: list[str]) -> MixedTasks: ...
+    def mix(self, tasks: list[str], max_loras: int | None = None) -> MixedTasks: ...
 
     def activate(self, spec: Spec) -> None: ...
 
@@ -92,9 +91,10 @@ class ModelRunner:
     """Runs StepPlans on the model; keeps the task policy's state between steps."""
 
     def __init__(self, tasks: Tasks, cache: SlotCache, eos: list[int], *, max_tokens: int, mode: str,
-                 merge_after: int) -> None:
+                 merge_after: int, max_loras: int | None = None, enforce_eager: bool = True,
+                 compile_backend: str = "inductor") -> None:
         self.tasks, self.model, self.cache = tasks, tasks.pretrained_model, cache
-        self.device, self.mode, self.merge_after = tasks.device, mode, merge_after
+        self.device, self.mode, self.merge_after, self.max_loras = tasks.device, mode, merge_after, max_loras
         self.model.set_attn_implementation(ATTENTION)
         on_gpu = self.device.type != "cpu"
         self._host = torch.zeros(6, max(max_tokens, cache.slots), dtype=torch.long, pin_memory=on_gpu)
@@ -108,6 +108,8 @@ class ModelRunner:
         self._mixed: MixedTasks | None = None
         self._merged_steps = 0
         self._spec: Spec = None
+        self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device,
+                                                                    compile_backend)
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Each sampled request's next token; requests of a failing task get their error instead."""
@@ -178,12 +180,15 @@ class ModelRunner:
             self.cache.reach(layout.reach)
             context: AbstractContextManager[None] = contextlib.nullcontext()
             if mixed is not None:
-                mixed.select(inputs[TASK, :n][None])
+                mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
+            forward: Any = self.model
+            if mixed is None and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
+                forward = self.compiled  # a decode step on plain or merged weights
             with context:
-                logits = self.model(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
-                                    attention_mask=self._no_mask, use_cache=False,
-                                    logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
+                logits = forward(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
+                                 attention_mask=self._no_mask, use_cache=False,
+                                 logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
         if not sampled:
             return {}
         finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
@@ -216,7 +221,7 @@ class ModelRunner:
         names = sorted({name for s in specs if s for name, _ in s})
         if self._mixed is None or not set(names) <= set(self._mixed.tasks) or \
                 len(self._mixed.tasks) > 2 * len(names) + 2:
-            self._mixed = self.tasks.mix(names)
+            self._mixed = self.tasks.mix(names, max_loras=self.max_loras)
         self.tasks.activate(None)
         index = {name: i + 1 for i, name in enumerate(self._mixed.tasks)}
         start = 0

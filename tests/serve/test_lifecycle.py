@@ -72,7 +72,7 @@ def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapter
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "lora.cli", "serve", "--model", tiny_llama, "--mapper", str(mapper),
                              "--port", str(port), "--max-num-seqs", "1", "--max-tokens-cap", "200", "--device", "cpu",
-                             "--shutdown-timeout", "6", "--body-timeout", "600"],
+                             "--shutdown-timeout", "6", "--body-timeout", "600", "--enforce-eager"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,34 @@
+"""The compiled decode step (torch.compile): compiled in the background, then taken, and equal to eager (float32)."""
+import pytest
+
+from lora.engine import Engine, SamplingParams
+from tests.test_engine import mt, prompt  # noqa: F401 - the module's tasks fixture
+
+GREEDY = SamplingParams(max_tokens=10, min_tokens=10)
+
+
+def answers_as_eager(mt, backend):  # noqa: F811
+    """Plain, merged and mixed requests through a compiling engine answer as through an eager one."""
+    compiled = Engine(mt, max_num_seqs=3, enforce_eager=False, compile_backend=backend)
+    eager = Engine(mt, max_num_seqs=3)
+    cases = [([prompt(mt, 0)], [None]), ([prompt(mt, 1, 3)], ["qa"]), ([prompt(mt, 2), prompt(mt, 3, 2)], ["sum"] * 2),
+             ([prompt(mt, 4), prompt(mt, 5), prompt(mt, 6, 2)], ["emb", "qa", None])]  # the last one mixed: eager
+    before = [eager.generate(p, t, GREEDY) for p, t in cases]  # meanwhile the other engine compiles
+    assert compiled.runner.compiled is not None and eager.runner.compiled is None
+    if not compiled.runner.compiled.wait(timeout=600):
+        pytest.fail(f"compiling failed: {compiled.runner.compiled.error!r}")
+    for (prompts, tasks), expected in zip(cases, before):
+        steps = compiled.runner.compiled.steps
+        answers = compiled.generate(prompts, tasks, GREEDY)
+        assert [a.new_token_ids for a in answers] == [e.new_token_ids for e in expected]
+        if len(set(tasks)) == 1:
+            assert compiled.runner.compiled.steps >= steps + GREEDY.max_tokens - 1  # every decode step compiled
+
+
+def test_captured_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
+    answers_as_eager(mt, "eager")  # torch.compile's graph capture, without inductor's minutes of code generation
+
+
+@pytest.mark.slow  # inductor compiles for minutes on a 2-core CPU: pytest -m slow
+def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
+    answers_as_eager(mt, "inductor")
