@@ -1,5 +1,6 @@
 """The compiled decode step (torch.compile): compiled in the background, then taken, and equal to eager (float32)."""
 import pytest
+import torch
 
 from lora.engine import Engine, SamplingParams
 from tests.test_engine import mt, prompt  # noqa: F401 - the module's tasks fixture
@@ -9,6 +10,7 @@ GREEDY = SamplingParams(max_tokens=10, min_tokens=10)
 
 def answers_as_eager(mt, backend):  # noqa: F811
     """Plain, merged and mixed requests through a compiling engine answer as through an eager one."""
+    torch._dynamo.reset()  # other tests compiled other models in this process (finetune --compile): start clean
     compiled = Engine(mt, max_num_seqs=3, enforce_eager=False, compile_backend=backend)
     eager = Engine(mt, max_num_seqs=3)
     cases = [([prompt(mt, 0)], [None]), ([prompt(mt, 1, 3)], ["qa"]), ([prompt(mt, 2), prompt(mt, 3, 2)], ["sum"] * 2),
