@@ -224,7 +224,8 @@ class ModelRunner:
         tokens, ok = flat[:len(sampled)], flat[len(sampled):]
         results: dict[Request, Sampled] = {r: Sampled(t) for r, t in zip(sampled, tokens)}
         if asked:  # a further transfer only in steps where someone asked for logprobs
-            entries = token_logprobs(scored, [tokens[i] for i in asked], [sampled[i].sampling.logprobs or 0 for i in asked])
+            tops = [sampled[i].sampling.logprobs or 0 for i in asked]
+            entries = token_logprobs(scored, [tokens[i] for i in asked], tops)
             for i, entry in zip(asked, entries):
                 results[sampled[i]].logprobs = entry
         self._prompt_logprobs(layout, logits[len(sampled):], results)
