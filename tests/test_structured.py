@@ -12,7 +12,7 @@ import lora
 from lora.cli import main
 from lora.engine import Engine, SamplingParams
 from lora.errors import LoraError
-from lora.evaluate import evaluate
+from lora.evaluate import evaluate, json_valid
 from lora.structured import (
     Constraint,
     apply_masks,
@@ -267,12 +267,41 @@ def test_lora_eval_scores_json_validity_and_validity_against_the_tasks_schema():
         evaluate(mt, "t", records, "schema_valid", schema={"type": 5}, **kwargs)
 
 
-def test_a_response_schema_added_to_lora_task_json_reaches_the_task(tiny_llama, tmp_path):
+def test_a_response_schema_added_to_lora_task_json_constrains_the_tasks_answers_unless_a_request_says_otherwise(
+        tiny_llama, tmp_path, capsys):
     make_adapter(tiny_llama, tmp_path / "t", ["q_proj"], seed=0)
     task_file = tmp_path / "t" / "lora_task.json"
     task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": SCHEMA}))
     mt = lora.MultiTaskModel(tiny_llama, {"t": str(tmp_path / "t")})
-    assert request_constraint({}, mt.task_meta("t").get("response_schema")).schema == SCHEMA
+    assert mt.response_schema("t") == SCHEMA and mt.response_schema(None) is None
+    asks = [{"downstream": "t", "instruction": f"Describe the {thing}.", "temperature": 1.0, "seed": seed,
+             "max_new_tokens": 60} for seed, thing in enumerate(["tiger", "lamp", "piano", "cloud"])]
+    for answer in mt.generate_responses(asks):
+        jsonschema.validate(json.loads(answer), SCHEMA)
+    free = mt.generate_responses([{**a, "response_format": {"type": "text"}} for a in asks])
+    assert not any(json_valid(a) for a in free)  # a random model's free answers are not JSON
+    assert set(mt.generate_responses([{**a, "guided_choice": ["yes", "no"]} for a in asks])) <= {"yes", "no"}
+    regex = mt.generate_responses([{**a, "downstream": None, "guided_regex": "[ab]{4}"} for a in asks])
+    assert all(re.fullmatch("[ab]{4}", a) for a in regex)
+    with pytest.raises(LoraError, match="guided_json: the JSON schema cannot be compiled"):
+        mt.generate_responses([{**asks[0], "guided_json": {"type": "strnig"}}])
+    with pytest.raises(LoraError, match="unknown generation setting 'guided_xml'"):
+        mt.generate_responses([{**asks[0], "guided_xml": "<a/>"}])
+
+    # lora eval: with the schema (as served) and without
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"instruction": f"Describe the {thing}.", "input": "",
+                                 "output": '{"color": "red", "n": 3, "ok": true}'} for thing in ("tiger", "lamp")]))
+    mapper = tmp_path / "mapper.json"
+    mapper.write_text(json.dumps({"t": str(tmp_path / "t")}))
+    common = ["eval", "--model", tiny_llama, "--mapper", str(mapper), "--task", "t", "--test_data_path", str(test),
+              "--metric", "schema_valid", "--device", "cpu", "--max_new_tokens", "60"]
+    assert main(common) == 0
+    assert "schema_valid 1.000 on 2 examples" in capsys.readouterr().out
+    assert main([*common, "--no-constrained", "--output", str(tmp_path / "free.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "schema_valid 0.000 on 2 examples" in printed and "without its response_schema" in printed
+    assert json.loads((tmp_path / "free.json").read_text())["constrained"] is False
 
     task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": {"type": "strnig"}}))
     with pytest.raises(LoraError, match="lora_task.json: response_schema: the JSON schema cannot be compiled"):

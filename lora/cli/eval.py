@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from ..evaluate import METRICS, evaluate
+from ..evaluate import METRICS, evaluate, task_schema
 from .common import add_model_arguments, load_multitask, positive_int, prompt_format_for, task_or_base
 
 
@@ -16,9 +16,12 @@ def run(args: argparse.Namespace) -> None:
         prompt_format_path = beside_data  # a task folder's own prompt: the base model is judged on the same prompt
     mt = load_multitask(args)
     prompt_format, how = prompt_format_for(mt, task, prompt_format_path)
-    result = evaluate(mt, task, args.test_data_path, args.metric, args.batch_size, args.max_new_tokens, prompt_format)
+    result = evaluate(mt, task, args.test_data_path, args.metric, args.batch_size, args.max_new_tokens, prompt_format,
+                      constrained=args.constrained)
+    schema = "with its response_schema" if result["constrained"] else \
+        "without its response_schema" if task_schema(mt, task) else "unconstrained"
     print(f"{result['task']}: {args.metric} {result['score']:.3f} on {result['n']} examples of {args.test_data_path} "
-          f"({how}, {result['seconds']:.0f} s)")
+          f"({how}, {schema}, {result['seconds']:.0f} s)")
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w", encoding="utf-8") as f:
@@ -33,5 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--test_data_path", "--data", required=True, help="Alpaca-format JSON list or JSONL with outputs")
     p.add_argument("--metric", default="exact_match", choices=list(METRICS))
     p.add_argument("--batch_size", "--batch-size", type=positive_int, default=16)
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="answers follow the task's response_schema (lora_task.json), as served; --no-constrained "
+                        "scores its free answers, to see what the schema adds")
     p.add_argument("--output", help="write score and every prediction to this JSON file")
     return p
