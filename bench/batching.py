@@ -218,7 +218,7 @@ def speed(model_path, paths):
     peft_model.eval()
     runners = {mode: (lambda requests, mode=mode: mt.generate_responses(requests, args.batch_size, mode))
                for mode in POLICIES[:3]}
-    runners["PEFT"] = lambda requests: peft_static(peft_model, mt, requests)
+    runners["PEFT"] = lambda requests, peft_model=peft_model: peft_static(peft_model, mt, requests)
     loads = workloads(list(paths))
     for run in runners.values():  # warm-up: first-call costs, caches
         run(list(loads.values())[1][:2])

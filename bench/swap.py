@@ -31,10 +31,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the model and adapters are local
 
 import torch
+from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
 
 import lora
 from lora.models import resolve_dtype
-from machine import cpu_model  # bench/machine.py: this script's folder is on sys.path
 
 p = argparse.ArgumentParser(description="Adapter switch latency, drift and forward cost: lora-pytorch vs PEFT.")
 p.add_argument("--model", default="smollm2-135m")

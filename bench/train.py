@@ -43,12 +43,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from machine import cpu_model, load_average  # bench/machine.py: this script's folder is on sys.path
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import lora
 from lora.data import IGNORE_INDEX, load_examples, pad_token_id
 from lora.models import load_tokenizer, resolve_model_path
-from machine import cpu_model, load_average  # bench/machine.py: this script's folder is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = {"ours": "lora finetune", "ours-packing": "lora finetune --packing",

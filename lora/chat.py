@@ -1,13 +1,19 @@
 """Chat data: checking conversations and tokenizing them with the tokenizer's chat template.
 
-Training and serving tokenize a conversation the same way, piece by piece: the template is rendered once per
-assistant turn, and each new piece of text (the prompt up to the assistant's turn, then the answer) is
-tokenized on its own. So the ids `render_chat` gives a served prompt are exactly the ids training put before
-that answer, and each answer's tokens are known without guessing where the template put them.
+Training and serving tokenize a conversation the same way, piece by piece: each piece of the template's text
+(the prompt up to an assistant's turn, then the answer) is tokenized on its own. The pieces come from one
+render of the whole conversation (linear in its length), or, for templates that write turns differently by
+position, from one render per assistant turn. So the ids `render_chat` gives a served prompt are exactly the
+ids training put before that answer, and each answer's tokens are known without guessing where the template put them.
 """
+import uuid
+from typing import Any
+
 from jinja2 import TemplateError
 
 from .errors import LoraError
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
 
 # How each format names its turns: the list's key, each turn's role and text keys, and role names -> OpenAI roles.
 TURNS = {
@@ -17,7 +23,7 @@ TURNS = {
 }
 
 
-def chat_messages(turns, data_format, where):
+def chat_messages(turns: Any, data_format: str, where: str) -> list[Message]:
     """A conversation as OpenAI messages [{"role", "content"}], checked.
 
     Args:
@@ -29,7 +35,7 @@ def chat_messages(turns, data_format, where):
     if not isinstance(turns, list) or not turns:
         raise LoraError(f"{where}: {field!r} must be a non-empty list of {{{role_key!r}: ..., {text_key!r}: ...}} "
                         "objects")
-    messages = []
+    messages: list[Message] = []
     for j, turn in enumerate(turns):
         at = f"{field}[{j}]"
         if not isinstance(turn, dict):
@@ -50,7 +56,7 @@ def chat_messages(turns, data_format, where):
     return messages
 
 
-def chat_record(rec, data_format, where):
+def chat_record(rec: dict, data_format: str, where: str) -> list[Message]:
     """A training record's conversation as OpenAI messages; it must hold an assistant turn to learn from.
 
     A ShareGPT record may give its system message as a top-level "system" string (as LLaMA-Factory reads it).
@@ -67,7 +73,8 @@ def chat_record(rec, data_format, where):
     return messages
 
 
-def encode_chat(tokenizer, messages, where, add_generation_prompt=False):
+def encode_chat(tokenizer: Any, messages: list[Message], where: str,
+                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
     """(ids, answer): token ids of a conversation and, per token, whether it belongs to an assistant answer.
 
     An answer is the assistant's text plus the end-of-turn token(s) the template writes after it (up to its last
@@ -80,20 +87,40 @@ def encode_chat(tokenizer, messages, where, add_generation_prompt=False):
         where: names the conversation in errors.
         add_generation_prompt: end with the template's generation prompt (serving).
     """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    if not add_generation_prompt:
+        messages = messages[:last + 1]
+    pieces = split_rendered(tokenizer, messages, add_generation_prompt) or split_by_prefixes(
+        tokenizer, messages, add_generation_prompt, where)
     special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    ids, answer, done = [], [], ""
+    ids: list[int] = []
+    answer: list[bool] = []
+    encoded = tokenizer([text for text, _ in pieces], add_special_tokens=False)["input_ids"] if pieces else []
+    for (_, is_answer), piece in zip(pieces, encoded):
+        end = -1  # index of the piece's last answer token
+        if is_answer:
+            ends = [k for k, token in enumerate(piece) if token in special]
+            end = ends[-1] if ends else len(piece) - 1
+        ids.extend(piece)
+        answer.extend(k <= end for k in range(len(piece)))
+    return ids, answer
 
-    def add(text, start, is_answer):
+
+def split_by_prefixes(tokenizer: Any, messages: list[Message], add_generation_prompt: bool,
+                      where: str) -> list[tuple[str, bool]]:
+    """The conversation's text as (piece, is_answer): the prompt up to each assistant turn, then the turn.
+
+    The definition: the template rendered once per assistant turn, each piece the text a longer render adds.
+    Quadratic in the number of turns (requests bound them, see `split_rendered` for the usual linear way).
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+
+    def add(text: str, start: str, is_answer: bool) -> str:
         if not text.startswith(start):
             raise LoraError(f"the tokenizer's chat template renders {where} differently as it grows (a later turn "
                             "changes earlier text), so answers cannot be located; use a template that only appends")
-        piece = tokenizer(text[len(start):], add_special_tokens=False)["input_ids"]
-        last = -1  # index of the piece's last answer token
-        if is_answer:
-            ends = [k for k, token in enumerate(piece) if token in special]
-            last = ends[-1] if ends else len(piece) - 1
-        ids.extend(piece)
-        answer.extend(k <= last for k in range(len(piece)))
+        pieces.append((text[len(start):], is_answer))
         return text
 
     for i, message in enumerate(messages):
@@ -102,23 +129,73 @@ def encode_chat(tokenizer, messages, where, add_generation_prompt=False):
             done = add(render(tokenizer, messages[:i + 1], False, where), prompt, True)
     if add_generation_prompt:
         add(render(tokenizer, messages, True, where), done, False)
-    return ids, answer
+    return pieces
 
 
-def render(tokenizer, messages, add_generation_prompt, where):
+def split_rendered(tokenizer: Any, messages: list[Message],
+                   add_generation_prompt: bool) -> list[tuple[str, bool]] | None:
+    """`split_by_prefixes`'s pieces from one render of the whole conversation, in time linear in its length.
+
+    Each assistant answer is rendered as a unique marker, found in the text, and framed by what the template
+    writes around an answer (its generation prompt before, its end of turn after: learned from a two-turn
+    render). Every frame is checked where it is expected, and the text with the answers put back must equal
+    the template's own render; None when any check fails (a template that writes turns differently by
+    position), and the caller falls back to rendering per turn.
+    """
+    nonce = uuid.uuid4().hex
+    marker = [f"\x00{nonce}:{i}\x00" for i in range(len(messages))]
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        one = [{"role": "user", "content": "x"}]
+        plain, prompted = render_raw(tokenizer, one, False), render_raw(tokenizer, one, True)
+        answered = render_raw(tokenizer, [*one, {"role": "assistant", "content": marker[0]}], False)
+        marked = render_raw(tokenizer, [{**m, "content": marker[i]} if m["role"] == "assistant" else m
+                                        for i, m in enumerate(messages)], add_generation_prompt)
+        whole = render_raw(tokenizer, messages, add_generation_prompt)
+    except TemplateError:
+        return None
+    if not (prompted.startswith(plain) and answered.startswith(prompted) and answered.count(marker[0]) == 1):
+        return None
+    opening = prompted[len(plain):]  # the generation prompt
+    head, _, tail = answered[len(prompted):].partition(marker[0])  # around an answer: e.g. "" and "<|im_end|>\n"
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        at = marked.find(marker[i], done)  # markers are unique: the nonce is random
+        start, end = at - len(head), at + len(marker[i]) + len(tail)
+        if at < 0 or start < done or marked[start - len(opening):start] != opening \
+                or marked[start:at] != head or marked[at + len(marker[i]):end] != tail:
+            return None
+        pieces += [(marked[done:start], False), (head + message["content"] + tail, True)]
+        done = end
+    if add_generation_prompt:
+        pieces.append((marked[done:], False))
+    elif done != len(marked):
+        return None
+    if "".join(text for text, _ in pieces) != whole:
+        return None
+    return pieces
+
+
+def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool, where: str) -> str:
+    try:
+        return render_raw(tokenizer, messages, add_generation_prompt)
     except TemplateError as e:
         raise LoraError(f"the tokenizer's chat template rejects {where}: {e}") from None
 
 
-def check_chat_template(tokenizer, what):
+def render_raw(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def check_chat_template(tokenizer: Any, what: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise LoraError(f"{what} is rendered with the tokenizer's chat template, but this tokenizer has none; use a "
                         "model that has one (an -Instruct model), or Alpaca records with a --prompt_format_path")
 
 
-def render_chat(tokenizer, messages, system_prompt=None):
+def render_chat(tokenizer: Any, messages: Any, system_prompt: str | None = None) -> list[int]:
     """The prompt ids for a conversation, ending with the generation prompt: exactly the ids training put before
     an assistant answer to the same conversation.
 

@@ -20,6 +20,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def model_name(config) -> str:  # noqa: ANN001 - any transformers PretrainedConfig
+    """The base model's default served name: its folder's name, never the local path (servers show it to clients)."""
+    return os.path.basename(os.path.normpath(getattr(config, "_name_or_path", "") or "")) or "base"
+
+
 def cache_dir() -> str:
     return os.environ.get("LORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-pytorch")
 

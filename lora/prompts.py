@@ -1,4 +1,6 @@
 """A request's prompt token ids, rendered exactly as its task's training data was."""
+from typing import Any
+
 from .chat import render_chat
 from .data import encode_prompt, format_prompt
 from .errors import LoraError
@@ -14,14 +16,16 @@ def user_content(instruction: str, input: str = "") -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
-def last_user_message(messages):
+def last_user_message(messages: list[dict[str, str]]) -> str:
     users = [m["content"] for m in messages if m.get("role") == "user"]
     if not users:
         raise LoraError("messages hold no user message; add one with role 'user'")
     return users[-1]
 
 
-def prompt_ids(tokenizer, meta, *, instruction="", input="", messages=None, prompt=None, prompt_format=None):
+def prompt_ids(tokenizer: Any, meta: dict | None, *, instruction: str = "", input: str = "",
+               messages: list[dict[str, str]] | None = None, prompt: str | None = None,
+               prompt_format: str | None = None) -> list[int]:
     """The prompt token ids a request to a task gets.
 
     Args:

@@ -115,8 +115,9 @@ def finetune_argv(model, task, checkpoint_dir, *extra):
 
 def make_adapter(base_path, folder, targets, seed, r=4):
     """A random (seeded) adapter that visibly changes the base model's answers."""
-    import lora
     import torch.nn as nn
+
+    import lora
 
     model = lora.load_model(base_path)[0]
     lora.inject(model, targets, r=r, alpha=2 * r)

@@ -17,27 +17,32 @@ def run(args: argparse.Namespace) -> None:
                         "pip install 'lora-pytorch[serve]'") from None
     for flag, value, least in (("--max-num-seqs", args.max_num_seqs, 1), ("--max-tokens-cap", args.max_tokens_cap, 1),
                                ("--max-prompts", args.max_prompts, 1), ("--max-model-len", args.max_model_len, 2),
-                               ("--max-waiting", args.max_waiting, 0), ("--kv-cache-bytes", args.kv_cache_bytes, 1),
-                               ("--max-num-batched-tokens", args.max_num_batched_tokens, 1)):
+                               ("--max-waiting", args.max_waiting, 1), ("--kv-cache-bytes", args.kv_cache_bytes, 1),
+                               ("--max-num-batched-tokens", args.max_num_batched_tokens, 1),
+                               ("--max-chat-turns", args.max_chat_turns, 1)):
         if value is not None and value < least:
             raise LoraError(f"{flag} must be at least {least}, got {value}")
+    for flag, seconds in (("--shutdown-timeout", args.shutdown_timeout), ("--body-timeout", args.body_timeout)):
+        if not seconds > 0:
+            raise LoraError(f"{flag} must be a positive number of seconds, got {seconds}")
     if args.adapter_root and not os.path.isdir(args.adapter_root):
         raise LoraError(f"--adapter-root {args.adapter_root} is not a folder")
     mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
     settings = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
                 "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens}
     engine = Engine(mt, **{k: v for k, v in settings.items() if v is not None})  # unset: the engine's defaults
-    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(mt, engine, served_model_name=name, adapter_root=args.adapter_root,
-                     api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap,
-                     max_prompts=args.max_prompts or args.max_num_seqs, context_length=args.max_model_len)
+    app = create_app(mt, engine, served_model_name=args.served_model_name, adapter_root=args.adapter_root,
+                     api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap, max_prompts=args.max_prompts,
+                     max_chat_turns=args.max_chat_turns, body_timeout=args.body_timeout)
+    name = app.state.serving.models.name
     print(f"Serving {name} with tasks: {', '.join(mt.downstreams) or 'none'}", file=sys.stderr)
-    serve(app, args.host, args.port)
+    serve(app, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="local HF model folder, or smollm2-135m")
-    p.add_argument("--served-model-name", help="the base model's id in /v1/models (default: the model folder's name)")
+    p.add_argument("--served-model-name", help="the base model's id in /v1/models (default: the model folder's name); "
+                   "no task may have it")
     p.add_argument("--mapper", help="JSON file {task: checkpoint dir}, or a folder of checkpoints")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -46,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LORA_API_KEY)")
     p.add_argument("--max-tokens-cap", type=int, default=512, help="the most tokens one request may ask for")
     p.add_argument("--max-prompts", type=int, help="the most prompts x n in one request (default: --max-num-seqs)")
-    p.add_argument("--max-num-seqs", "--max-batch-size", type=int, default=16,
+    p.add_argument("--max-num-seqs", type=int, default=16,
                    help="the most requests the engine runs together")
     p.add_argument("--max-model-len", type=int,
                    help="prompt plus completion tokens per request (default: the model's context, at most 4096)")
@@ -55,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="prompt tokens prefilled per engine step; longer prompts are split over steps")
     p.add_argument("--max-waiting", type=int,
                    help="requests that may wait for the engine (default: the engine's); past it, 429 with Retry-After")
+    p.add_argument("--max-chat-turns", type=int, default=256, help="the most messages in one chat request")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive; then 408 (a stalled client holds nothing)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="after SIGTERM, seconds to let requests in flight finish; then their connections close")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
     return p

@@ -1,44 +1,89 @@
-"""The wire format: request bodies as pydantic models, and errors in OpenAI's JSON shape."""
-from typing import Optional, Union
+"""The wire format: request bodies as pydantic models (JSON types only), and errors in OpenAI's JSON shape.
+
+Value ranges are not checked here: sampling limits belong to `lora.engine.SamplingParams.check()` and the
+server's own limits to limits.py. Fields OpenAI (or vLLM) defines that this server does not implement are
+refused by name unless they hold their neutral value, so a client never gets silently different output.
+"""
+from typing import Any, TypeVar
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 UNION_TAGS = {"str", "int", "float", "bool", "none"}
+# Field -> the values that ask for nothing (then it is accepted and ignored); any other value gets a 400.
+NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "suffix": (None, ""), "prediction": (None,), "audio": (None,),
+    "modalities": (None, ["text"]),
+    # vLLM's sampling extras that change the output
+    "repetition_penalty": (None, 1, 1.0), "length_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
+    "use_beam_search": (None, False), "prompt_logprobs": (None,), "include_stop_str_in_output": (None, False),
+    "bad_words": (None, []), "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
 
 
 class APIError(Exception):
     """An error as OpenAI answers it: {"error": {"message", "type", "param", "code"}} with its HTTP status."""
 
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", headers=None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
 
-    def body(self):
+    def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self):
+    def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
-def validation_error(exc):
+def validation_error(exc: ValidationError) -> APIError:
     """Pydantic's errors as one OpenAI error: 400 for a body that is not JSON, 422 for wrong fields."""
     first = exc.errors()[0]
     if first["type"] == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                        code="invalid_json")
-    # loc is ("body", field, index, field, ...), with union member tags ("str", "list[str]") mixed in
-    fields = [str(p) for p in first["loc"][1:] if not (isinstance(p, str) and (p in UNION_TAGS or "[" in p
-                                                                                or p[:1].isupper()))]
+        reason = str(first.get("ctx", {}).get("error", first["msg"]))
+        if "escape" in reason or "surrogate" in reason:  # "\ud800" alone: not text, and not UTF-8 encodable
+            reason = f"a string holds a lone UTF-16 surrogate such as \\ud800 ({reason}); send valid Unicode"
+        return APIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
+    # loc is (field, index, field, ...), with union member tags ("str", "list[str]") mixed in
+    fields = [str(p) for p in first["loc"] if not (isinstance(p, str) and (p in UNION_TAGS or "[" in p
+                                                                          or p[:1].isupper()))]
     param = ".".join(fields) or None
     return APIError(422, f"{param or 'request body'}: {first['msg']}", param=param, code=first["type"])
 
 
 class Body(BaseModel):
-    # Strict: "5" is not a number. Fields the API defines but this server does not act on (user, logit_bias...) pass.
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # Strict: "5" is not a number. Unknown fields are kept only to refuse the NOT_IMPLEMENTED ones by name.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def check_implemented(self) -> None:
+        for name, value in (self.model_extra or {}).items():
+            neutral = NOT_IMPLEMENTED.get(name)
+            if neutral is not None and not any(type(value) is type(n) and value == n for n in neutral):
+                raise APIError(400, f"{name} is not implemented by this server; leave it out"
+                               + (f" or send {neutral[1]!r}" if len(neutral) > 1 else ""),
+                               param=name, code="unsupported_field")
+
+
+B = TypeVar("B", bound=Body)
+
+
+def parse(raw: bytes, model: type[B]) -> B:
+    """A request body as `model`: valid JSON (no lone surrogates), the right types, nothing unimplemented asked."""
+    try:
+        body = model.model_validate_json(raw or b"null")
+    except ValidationError as e:
+        raise validation_error(e) from None
+    body.check_implemented()
+    # Unknown fields (a client's "user", metadata) could be a megabyte: a waiting request keeps none of them.
+    body.__pydantic_extra__ = {}
+    return body
 
 
 class StreamOptions(Body):
@@ -47,40 +92,37 @@ class StreamOptions(Body):
 
 class Sampling(Body):
     """The sampling fields of OpenAI's completion bodies, plus vLLM's extras that benchmark tools send."""
-    temperature: Optional[float] = Field(None, ge=0, le=2)  # unset or 0: greedy
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)  # vLLM's: -1 or 0 is off
-    seed: Optional[int] = Field(None, ge=INT64[0], le=INT64[1])
-    stop: Union[str, list[str], None] = Field(None, max_length=4)
+    temperature: float | None = None  # unset or 0: greedy
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM's: -1 or 0 is off
+    seed: int | None = Field(None, ge=INT64[0], le=INT64[1])  # the JSON type: a 64-bit integer
+    stop: str | list[str] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-
-    def stop_strings(self):
-        return tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop or []) if s)
+    min_tokens: int = 0
 
 
 class OpenAISampling(Sampling):
-    max_tokens: Optional[int] = Field(None, ge=1)
-    n: int = Field(1, ge=1)
+    max_tokens: int | None = None
+    n: int = 1
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(OpenAISampling):
     model: str
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class ContentPart(Body):
     type: str
-    text: Optional[str] = None
+    text: str | None = None
 
 
 class Message(Body):
     role: str
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
 
-    def text(self):
+    def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text or "" for part in self.content if part.type == "text")
         return self.content or ""
@@ -89,21 +131,21 @@ class Message(Body):
 class ChatRequest(OpenAISampling):
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
+    max_completion_tokens: int | None = None  # the newer name for max_tokens
 
 
 class GenerateRequest(Sampling):
     """The native endpoint: the arguments of MultiTaskModel.generate_response."""
-    downstream: Optional[str] = None
+    downstream: str | None = None
     instruction: str = ""
     input: str = ""
-    max_new_tokens: Optional[int] = Field(None, ge=1)
+    max_new_tokens: int | None = None
 
 
 class LoadAdapterRequest(Body):
-    lora_name: str = Field(min_length=1)
+    lora_name: str
     lora_path: str = Field(min_length=1)
 
 
 class UnloadAdapterRequest(Body):
-    lora_name: str = Field(min_length=1)
+    lora_name: str

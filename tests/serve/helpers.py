@@ -1,0 +1,77 @@
+"""What the server tests share: the app under uvicorn in a thread, errors and metrics as tests read them."""
+import contextlib
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from lora.engine import Engine
+from lora.serve import DrainingServer
+
+TASKS = {"color": ("color", 0), "reverse": ("reverse", 0), "color2": ("color", 1), "reverse2": ("reverse", 1)}
+QUESTIONS = [f"What colour is the {thing}?" for thing in ("apple", "river", "stone", "violin", "garden")]
+CAP = 64  # --max-tokens-cap of the test server
+MAX_PROMPTS = 16  # --max-prompts of the test server: the engine's default max_num_seqs
+CHAT_SYSTEM = "You name colours."
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app under uvicorn in a thread, on a free 127.0.0.1 port; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+class GatedEngine(Engine):
+    """An Engine whose steps wait while `paused` is clear, and whose thread dies of `kill` when set:
+    requests can be made to wait, and the engine made to stop, on purpose."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.paused, self.kill = threading.Event(), None
+        self.paused.set()
+
+    def step(self):
+        self.paused.wait()
+        if self.kill is not None:
+            raise self.kill
+        return super().step()
+
+
+def raw_prompt(question):
+    return f"### Instruction:\n{question}\n### Input:\n\n### Response:\n"
+
+
+def error_of(excinfo):
+    """The OpenAI error object of a failed call, checked for OpenAI's shape."""
+    body = excinfo.value.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def metrics(url):
+    """/metrics parsed: {(sample name, sorted labels): value}."""
+    text = httpx.get(url + "/metrics").text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
