@@ -148,3 +148,38 @@ def test_logprobs_on_completions_and_chat_have_openais_shapes(api):
             tokens += chunk.choices[0].logprobs.tokens
         text += chunk.choices[0].text if chunk.choices else ""
     assert "".join(tokens) == text == out.text
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness against lora serve
+
+def loglikelihoods(results, task):
+    return [float(sample["resps"][0][0][0]) for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_peft(url, ref, mapper, chat_llama,
+                                                                                       tmp_path, capsys):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lora.cli import main
+    from lora.harness import custom_task, run_lm_eval, tokenizer_folder
+
+    records = tmp_path / "test.json"
+    records.write_text(json.dumps([{"instruction": q, "input": "", "output": f"It is {c}."}
+                                   for q, c in zip(QUESTIONS, ["red", "blue", "grey", "brown", "green"])]))
+    custom_task(ref, "color", str(records), str(tmp_path), "colors")
+    served = run_lm_eval(url, "color", tokenizer_folder(ref, str(tmp_path)), ["colors"], str(tmp_path))
+    hf = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": chat_llama, "peft": mapper["color"],
+                                                         "device": "cpu", "dtype": "float32"},
+                                 tasks=["colors"], task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path)),
+                                 log_samples=True)
+    assert len(loglikelihoods(served, "colors")) == 5
+    assert loglikelihoods(served, "colors") == pytest.approx(loglikelihoods(hf, "colors"), abs=1e-4)
+    assert served["results"]["colors"]["acc,none"] == hf["results"]["colors"]["acc,none"]
+
+    # `lora eval --lm-eval`: the same, against a server it starts itself
+    mapper_file = tmp_path / "mapper.json"
+    mapper_file.write_text(json.dumps(mapper))
+    assert main(["eval", "--model", chat_llama, "--mapper", str(mapper_file), "--task", "color", "--lm-eval",
+                 str(records), "--device", "cpu", "--output", str(tmp_path / "out.json")]) == 0
+    assert "color: lm-eval lora_color_test: " in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert loglikelihoods(saved, "lora_color_test") == pytest.approx(loglikelihoods(hf, "colors"), abs=1e-4)
