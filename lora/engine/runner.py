@@ -232,8 +232,8 @@ class ModelRunner:
         out: StepResult = dict(results)
         for i, r in enumerate(sampled):
             if i in failed:
-                out[r] = LoraError(f"the request's grammar failed: {r.matcher.error if r.matcher else ''}; "
-                                   "simplify the schema, or raise max_tokens if it is a length limit")
+                out[r] = LoraError(f"the request's grammar failed ({r.matcher.error if r.matcher else ''}); "
+                                   "simplify its schema, regex or grammar")
         at = len(sampled)
         for e in layout.echo:
             if not all(ok[at:at + e.end - e.start]):
