@@ -148,6 +148,12 @@ def test_logprobs_on_completions_and_chat_have_openais_shapes(api):
             tokens += chunk.choices[0].logprobs.tokens
         text += chunk.choices[0].text if chunk.choices else ""
     assert "".join(tokens) == text == out.text
+    streamed = api.chat.completions.create(model="color", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                           max_tokens=6, logprobs=True, top_logprobs=2, stream=True,
+                                           extra_body={"min_tokens": 6})
+    entries = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for e in chunk.choices[0].logprobs.content]
+    assert [e.token for e in entries] == [c.token for c in content]
 
 
 # ---------------------------------------------------------------- lm-evaluation-harness against lora serve
