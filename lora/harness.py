@@ -14,6 +14,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,6 +84,15 @@ def run_lm_eval(base_url: str, model: str, tokenizer_path: str, tasks: list[str]
     return dict(results)
 
 
+def served_base_model(base_url: str) -> str:
+    """The base model's name at a running `lora serve`: the first of its /v1/models."""
+    try:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/v1/models", timeout=30) as answer:
+            return str(json.load(answer)["data"][0]["id"])
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise LoraError(f"could not list the models of {base_url} ({e}); is `lora serve` running there?") from None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,13 +143,13 @@ def evaluate_with_lm_eval(mt: MultiTaskModel, task: str | None, names: list[str]
             else:
                 tasks.append(name)
         tokenizer = tokenizer_folder(mt, folder)
-        model = task or served_model_name
         if base_url is not None:
+            model = task or served_base_model(base_url)
             results = run_lm_eval(base_url, model, tokenizer, tasks, folder, limit)
         else:
             from .serve import create_app  # the serve extra: only when no server is given
 
             app = create_app(mt, Engine(mt), served_model_name=served_model_name)
             with serving(app) as url:
-                results = run_lm_eval(url, model, tokenizer, tasks, folder, limit)
+                results = run_lm_eval(url, task or served_model_name, tokenizer, tasks, folder, limit)
     return {"task": task or "base", "results": results.get("results", {}), "samples": results.get("samples", {})}

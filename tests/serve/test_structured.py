@@ -189,3 +189,7 @@ def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_
     assert "color: lm-eval lora_color_test: " in capsys.readouterr().out
     saved = json.loads((tmp_path / "out.json").read_text())
     assert loglikelihoods(saved, "lora_color_test") == pytest.approx(loglikelihoods(hf, "colors"), abs=1e-4)
+    # against a running server, for the base model (its name read from /v1/models)
+    assert main(["eval", "--model", chat_llama, "--lm-eval", str(records), "--base-url", url, "--limit", "2",
+                 "--device", "cpu"]) == 0
+    assert "base: lm-eval lora_base_test: perplexity " in capsys.readouterr().out
