@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, type hints on the package) and mypy on lora/
+lint: $(STAMP)
+	$(PY) -m ruff check lora tests bench examples
+	$(PY) -m mypy
 
 demo: $(STAMP)
 	$(PY) examples/demo.py $(if $(FORCE),--force)

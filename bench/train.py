@@ -212,7 +212,6 @@ def run_peer(probe, paths, out, options, name):
 
     transformers.logging.set_verbosity_error()
     model, tokenizer = lora.load_model(args.model)
-    tokenizer.padding_side = "right"  # training pads on the right; lora.load_model sets left for generation
     tokenizer.pad_token_id = pad_token_id(tokenizer)
     examples = encode(paths["train"], tokenizer, options["max_seq_length"])
     model = peft.get_peft_model(model, peft.LoraConfig(

@@ -6,7 +6,8 @@
    runs/demo/data/ from the same records), both through the model's chat template;
 2. score the base model and each adapter on the task's test.json (what `lora eval` does);
 3. load all three into one MultiTaskModel and answer test examples in interleaved task order, timing switches;
-4. write runs/demo/report.md, loss.png and metrics.png.
+4. export each adapter for Ollama (runs/demo/ollama/<task>/: the llama.cpp adapter GGUF and a Modelfile);
+5. write runs/demo/report.md, loss.png and metrics.png.
 
 Re-running reuses finished adapters (runs/demo/<task>/final) unless --force; an interrupted run resumes
 from its newest complete checkpoint.
@@ -26,7 +27,7 @@ ROOT = os.path.dirname(EXAMPLES)
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 from examples.report import METRIC_NAMES, write_report  # noqa: E402
-from lora import DEFAULT_MODEL, MultiTaskModel, load_model  # noqa: E402
+from lora import DEFAULT_MODEL, MultiTaskModel, export_ollama, load_model  # noqa: E402
 from lora.checkpoint import adapter_size_bytes, load_training_state  # noqa: E402
 from lora.cli import main as lora_cli  # noqa: E402
 from lora.data import load_prompt_format, load_records  # noqa: E402
@@ -188,6 +189,20 @@ def task_summary(mt, task, base, tuned, train_seconds):
                         "adapter": first_tuned["prediction"]}}
 
 
+def export_for_ollama(mt):
+    """Each task as an Ollama folder (adapter.gguf + Modelfile): the command to run it and the adapter's size."""
+    exports = []
+    for task in TASKS:
+        folder = export_ollama(mt.pretrained_model, mt.adapter(task), os.path.join(RUN_DIR, "ollama", task),
+                               tokenizer=mt.tokenizer)
+        name = f"smollm2-{task.replace('_', '-')}"
+        exports.append({"task": task, "folder": folder, "command": f"ollama create {name} -f "
+                        f"{os.path.relpath(folder, ROOT)}/Modelfile && ollama run {name}",
+                        "adapter_gguf_bytes": os.path.getsize(os.path.join(folder, "adapter.gguf"))})
+        print(f"{task:<20} {exports[-1]['adapter_gguf_bytes'] / 1e6:.1f} MB adapter.gguf   {exports[-1]['command']}")
+    return exports
+
+
 def shorten(text, limit=110):
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -204,13 +219,13 @@ def main():
         phases[name] = time.perf_counter() - since
         return time.perf_counter()
 
-    print(f"== 1/4  Finetune one LoRA adapter per task on {DEFAULT_MODEL} ({torch.get_num_threads()} CPU threads)")
+    print(f"== 1/5  Finetune one LoRA adapter per task on {DEFAULT_MODEL} ({torch.get_num_threads()} CPU threads)")
     resolve_model_path(DEFAULT_MODEL)  # the first run turns the packaged GGUF into a model folder, once
     mark = phase_done("preparing the base model (first run only)", started)
     train_seconds = {task: finetune(task, args.force) for task in TASKS}
     mark = phase_done("training 3 adapters", mark)
 
-    print("\n== 2/4  Base model vs adapter on each test set")
+    print("\n== 2/5  Base model vs adapter on each test set")
     model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
     base_parameters = sum(p.numel() for p in model.parameters())
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -218,17 +233,22 @@ def main():
     scores = {task: score(mt, task, load_prompt_format(task_file(task, "prompt_format.txt"))) for task in TASKS}
     mark = phase_done("scoring base model and adapters", mark)
 
-    print("\n== 3/4  One model, three tasks: interleaved answers")
+    print("\n== 3/5  One model, three tasks: interleaved answers")
     switches = interleaved_answers(mt)
     mt.activate(None)
     phase_done("interleaved answers", mark)
 
-    print("\n== 4/4  Report")
+    print("\n== 4/5  Export each task for llama.cpp and Ollama")
+    mark = time.perf_counter()
+    exports = export_for_ollama(mt)
+    phase_done("exporting for Ollama", mark)
+
+    print("\n== 5/5  Report")
     tasks = [task_summary(mt, task, base, tuned, train_seconds[task]) for task, (base, tuned) in scores.items()]
     summary = {"model": DEFAULT_MODEL, "base_parameters": base_parameters, "base_bytes": base_bytes,
                "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - started,
                "phases": phases, "cpu_seconds": time.process_time() - cpu_started, "load_average": os.getloadavg()[2],
-               "tasks": tasks, "switches": switches}
+               "tasks": tasks, "switches": switches, "exports": exports}
     report = write_report(RUN_DIR, summary)
     median = statistics.median(s["switch_ms"] for s in switches)
     print(f"Median switch {median:.1f} ms. Wrote {os.path.relpath(report, ROOT)}, loss.png and metrics.png "

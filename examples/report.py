@@ -148,6 +148,13 @@ def write_report(out_dir, summary):
                   f"fit in `merged_cache_bytes`, and a switch points the targeted parameters at them; median switch "
                   f"time **{statistics.median(switch_ms):.1f} ms** (max {max(switch_ms):.1f} ms).", "",
                   *switch_table(switches), ""]
+    if summary.get("exports"):
+        lines += ["## Running the tasks in Ollama or llama.cpp", "",
+                  "`make demo` exported each adapter as a llama.cpp LoRA adapter GGUF with an Ollama `Modelfile` "
+                  "that asks the task as it was trained (`lora export --format ollama`):", "",
+                  "| task | adapter.gguf | command |", "|---|---:|---|",
+                  *[f"| {e['task']} | {megabytes(e['adapter_gguf_bytes'])} | `{e['command']}` |"
+                    for e in summary["exports"]], ""]
     lines += ["## Example answers", "", "The first test example of each task.", ""]
     for t in tasks:
         lines += example_section(t)

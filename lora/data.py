@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .chat import chat_record, check_chat_template, encode_chat, render_chat  # noqa: F401 (render_chat: serving's)
+from .chat import chat_record, check_chat_template, encode_chat
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, PathLike, read_text
 

@@ -1,4 +1,5 @@
 """The base model's fingerprint an adapter records, and the check that a model is that base."""
+import functools
 import hashlib
 from collections.abc import Callable
 
@@ -24,13 +25,16 @@ def _sample(weight: torch.Tensor, n: int = 4096) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // n)][:n].float().cpu()
 
 
-def fingerprint(model: nn.Module, names: list[str], weight_of: WeightOf | None = None) -> dict:
+def fingerprint(model: nn.Module | None, names: list[str], weight_of: WeightOf | None = None) -> dict:
     """Shapes of the targeted weights plus a hash and summary statistics of a fixed sample of each.
 
     The hash is over bfloat16-rounded values, so a model loaded in float32 or bfloat16 hashes the
     same; the statistics let a float16 copy of the same model match within tolerance.
     """
-    weight_of = weight_of or (lambda name: base_weight(model, name))
+    if weight_of is None:
+        if model is None:
+            raise ValueError("fingerprint needs a model or weight_of")
+        weight_of = functools.partial(base_weight, model)
     digest, shapes, stats = hashlib.sha256(), {}, {}
     for name in names:
         weight = weight_of(name)
@@ -43,7 +47,7 @@ def fingerprint(model: nn.Module, names: list[str], weight_of: WeightOf | None =
     return {"shapes": shapes, "sha256": digest.hexdigest() if stats else None, "stats": stats}
 
 
-def fingerprint_mismatch(expected: dict, model: nn.Module, weight_of: WeightOf | None = None) -> str | None:
+def fingerprint_mismatch(expected: dict, model: nn.Module | None, weight_of: WeightOf | None = None) -> str | None:
     """None when `model` is the base `expected` was taken from, else a short reason."""
     names = list(expected["shapes"])
     try:

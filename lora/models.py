@@ -99,9 +99,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
-    tokenizer.padding_side = "left"  # generation appends on the right
-    return tokenizer
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
 
 
 def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import prompts
-from .engine import Engine, SamplingParams
+from .engine import Engine, Output, SamplingParams
 from .errors import LoraError
 from .models import context_length
 from .structured import GUIDED_FIELDS, Grammar, guide, request_constraint
@@ -36,7 +36,8 @@ class MultiTaskModel(Tasks):
     Takes Tasks' arguments. `generate_responses` runs every request through one continuous-batching engine
     (lora.engine.Engine) that lives as long as the model; it is replaced only when a call asks for another
     batch size or mode, or a longer sequence than it holds, when a task is removed or replaced, or after an
-    interrupted call.
+    interrupted call. Calls from several threads take turns on it, unless `start()` gave the model an engine
+    thread: then every call, from any thread, joins the one running batch.
     """
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, mapper: str | os.PathLike | dict | None = None,
@@ -48,10 +49,23 @@ class MultiTaskModel(Tasks):
         super().__init__(model, mapper, device, dtype, tokenizer, cache_bytes, host_cache_bytes, merged_cache_bytes,
                          update_dtype)
 
-    def remove_downstream(self, name: str) -> None:
-        """Forget a task (also what add_downstream does to the task a new one of the same name replaces)."""
-        super().remove_downstream(name)
-        self._engine = None  # it may keep per-token updates built from the task's adapter
+    def start(self, batch_size: int = 16, mode: str = "auto", **engine_args: Any) -> Engine:
+        """Give the model one engine thread that every generate_response(s) call shares, so calls from many
+        threads are batched together (continuous batching); `engine_args` as lora.engine.Engine takes them.
+        Returns the engine (its add_request/stats are there too); `shutdown()` stops it."""
+        with self._engine_lock:
+            self.shutdown()
+            length = engine_args.pop("max_model_len", None) or context_length(self.pretrained_model.config)
+            engine = Engine(self, max_num_seqs=batch_size, max_model_len=length, mode=mode, **engine_args)
+            engine.start()
+            self._engine = _Engine(engine, batch_size, mode, length)
+            return engine
+
+    def shutdown(self) -> None:
+        """Stop the engine thread `start()` began, after the requests it holds finish."""
+        if self._engine is not None and self._engine.engine.started:
+            self._engine.engine.shutdown()
+            self._engine = None
 
     def _meta(self, downstream: Any) -> dict | None:
         """lora_task.json of a request's task (of a blend's heaviest task); None for the base model."""
@@ -102,6 +116,9 @@ class MultiTaskModel(Tasks):
         if not ids:
             return []
         longest = max(len(p) + s.max_tokens for p, s in zip(ids, sampling))
+        held = self._engine
+        if held is not None and held.engine.started:  # shared: this call's requests join the running batch
+            return _answers(held.engine.generate(ids, tasks, sampling))
         with self._engine_lock:
             engine = self._engine_for(batch_size, mode, min(longest, context), context)
             try:
@@ -109,10 +126,7 @@ class MultiTaskModel(Tasks):
             except BaseException:
                 self._engine = None  # its sequences are left half done: the next call starts afresh
                 raise
-        for out in outputs:
-            if out.error is not None:
-                raise out.error
-        return [out.text.strip() for out in outputs]
+        return _answers(outputs)
 
     def generate_response(self, downstream: Any = None, instruction: str = "", input: str = "",
                           **generation_kwargs: Any) -> str:
@@ -127,6 +141,13 @@ class MultiTaskModel(Tasks):
             engine = Engine(self, max_num_seqs=batch_size, max_model_len=max_model_len, mode=mode)
             held = self._engine = _Engine(engine, batch_size, mode, max_model_len)
         return held.engine
+
+
+def _answers(outputs: list[Output]) -> list[str]:
+    for out in outputs:
+        if out.error is not None:
+            raise out.error
+    return [out.text.strip() for out in outputs]
 
 
 def sampling_params(request: dict, room: int) -> SamplingParams:

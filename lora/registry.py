@@ -13,6 +13,7 @@ import torch
 from .checkpoint import Adapter, ModuleAdapter, check_compatible, read_adapter
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, read_text
+from .gguf_adapter import is_gguf, read_gguf_adapter
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -84,8 +85,9 @@ def read_mapper(mapper: str | os.PathLike | dict | None) -> dict[str, str]:
         return {str(k): os.fspath(v) for k, v in mapper.items()}
     mapper = os.fspath(mapper)
     if os.path.isdir(mapper):
-        return {e.name: e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
-                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))}
+        return {e.name.removesuffix(".gguf"): e.path for e in sorted(os.scandir(mapper), key=lambda e: e.name)
+                if e.is_dir() and os.path.exists(os.path.join(e.path, "adapter_config.json"))
+                or e.is_file() and e.name.endswith(".gguf")}
     try:
         entries = json.loads(read_text(mapper, what="checkpoint mapper", max_bytes=MAX_JSON_BYTES))
     except (ValueError, RecursionError) as e:
@@ -119,6 +121,13 @@ class Registration:
     root: str | None  # every file of the checkpoint must lie in this folder (a server's --adapter-root)
 
 
+@dataclass(frozen=True)
+class CheckedAdapter:
+    """An adapter read and checked against the base model (`Registry.check_adapter`), ready to register."""
+    adapter: Adapter  # in float32 on the CPU
+    updates: dict[str, Update]
+
+
 class Registry:
     """Registered tasks and their adapters, read and validated on first use, on the model's device (LRU cached).
 
@@ -142,13 +151,18 @@ class Registry:
     def names(self) -> list[str]:
         return list(self.registrations)
 
-    def register(self, name: str, path: str | os.PathLike, root: str | None = None) -> None:
-        """Register a task (replacing one of that name); its checkpoint is read on first use, not now."""
+    def register(self, name: str, path: str | os.PathLike, root: str | None = None,
+                 checked: CheckedAdapter | None = None) -> None:
+        """Register a task (replacing one of that name); its checkpoint is read on first use, not now, unless
+        it comes `checked` already (then that very adapter is the one used: nothing is read twice)."""
         path = os.fspath(path)
-        if root is None and not os.path.isdir(path):
+        if root is None and checked is None and not (os.path.isdir(path) or is_gguf(path) and os.path.isfile(path)):
             raise LoraError(f"checkpoint for task {name!r} not found at {path}; check the mapper entry")
         self.unregister(name)
         self.registrations[name] = Registration(path, next(_registrations), root)
+        if checked is not None:
+            self._store(name, checked)
+            self._cache(name, checked.adapter, keep=())  # within cache_bytes like any other: it may leave at once
 
     def unregister(self, name: str) -> Registration | None:
         """Forget a task and its cached adapter; returns its registration (None if it had none)."""
@@ -170,11 +184,14 @@ class Registry:
         adapter = self.device_cache.get(name)
         if adapter is not None:
             return adapter
-        adapter = self.host_cache.pop(name) or self._read(name)
+        return self._cache(name, self.host_cache.pop(name) or self._read(name), keep={*keep, name})
+
+    def _cache(self, name: str, adapter: Adapter, keep: Collection[str]) -> Adapter:
+        """Put an adapter in the device cache, evicting least recent ones (to host memory on an accelerator)."""
         if self.device.type != "cpu":
             adapter = _moved(adapter, self.device)
         self.device_cache.put(name, adapter)
-        for victim, evicted in self.device_cache.evict(keep={*keep, name}):
+        for victim, evicted in self.device_cache.evict(keep=keep):
             if self.device.type != "cpu":
                 self.host_cache.put(victim, _moved(evicted, "cpu"))
                 self.host_cache.evict()
@@ -182,7 +199,23 @@ class Registry:
 
     def _read(self, name: str) -> Adapter:
         registration = self.registrations[name]
-        adapter = read_adapter(registration.path, root=registration.root)
+        checked = self.check_adapter(self.read(registration.path, registration.root), name)
+        self._store(name, checked)
+        return checked.adapter
+
+    def read(self, path: str, root: str | None = None) -> Adapter:
+        """A task's checkpoint: a PEFT-format folder, or a llama.cpp LoRA adapter file (.gguf)."""
+        if is_gguf(path):  # the base's config undoes the rotary row order of files from llama.cpp's converter
+            return read_gguf_adapter(path, config=self.model.config, root=root)
+        return read_adapter(path, root=root)
+
+    def _store(self, name: str, checked: CheckedAdapter) -> None:
+        self.meta = {**self.meta, name: dict(checked.adapter.task)}
+        self.updates[name] = checked.updates
+
+    def check_adapter(self, adapter: Adapter, name: str) -> CheckedAdapter:
+        """`adapter` checked against the base model (fingerprint, tied head, updates finite in float32) and
+        moved to the CPU in float32. Changes nothing here, so it may run in any thread."""
         expected = adapter.task.get("base_fingerprint") or {}
         key = (expected.get("sha256"), tuple(expected.get("shapes", ())), tuple(adapter.modules))
         if key not in self._compatible:
@@ -201,9 +234,7 @@ class Registry:
                 raise LoraError(f"{config_path}: lora_alpha (with r, rank_pattern, alpha_pattern, use_rslora) gives "
                                 f"{module_name} a scale of {m.scaling:g}, whose update overflows float32; the "
                                 "adapter is corrupt, fix lora_alpha or re-train it")
-        self.meta = {**self.meta, name: dict(adapter.task)}
-        self.updates[name] = updates
-        return _moved(adapter, "cpu")
+        return CheckedAdapter(_moved(adapter, "cpu"), updates)
 
     def check_update(self, spec: tuple[tuple[str, float], ...], dtype: torch.dtype) -> None:
         """Raise a LoraError unless the weighted sum of these tasks' updates stays finite in `dtype`, per module.

@@ -12,7 +12,7 @@ from .checkpoint import Adapter
 from .errors import LoraError
 from .mixed import MixedAdapters
 from .models import load_model
-from .registry import Registry, read_mapper
+from .registry import CheckedAdapter, Registry, read_mapper
 from .switch import Key, Spec, Switch
 
 Downstream = str | dict[str, float] | Spec | None  # a task name, {task: weight} (a blend), or None (the base)
@@ -70,20 +70,34 @@ class Tasks:
         return self.registry.names
 
     @property
+    def registrations(self) -> tuple[int, ...]:
+        """One number per registration, new for every add_downstream: what was computed with a task's weights
+        (merged weights, an engine's cached K/V) belongs to its registration, not to its name."""
+        return tuple(r.number for r in self.registry.registrations.values())
+
+    @property
     def active(self) -> Spec | None:
         """The task (or blend) applied now, in `normalize`'s form; None for the base model."""
         return self.switch.active_spec
 
-    def add_downstream(self, name: str, path: str | os.PathLike, root: str | None = None) -> None:
+    def add_downstream(self, name: str, path: str | os.PathLike, root: str | None = None,
+                       checked: CheckedAdapter | None = None) -> None:
         """Register a task (replacing one of that name); its checkpoint is read on first use, not now.
 
         root: a folder every file of the checkpoint must lie in when it is opened, also on a re-read after
         the adapter left the cache (a server's --adapter-root).
+        checked: the adapter as `check_adapter` returned it: registered as it is, not read again.
         """
         with self.lock:
             if name in self.registry.registrations:
                 self.remove_downstream(name)
-            self.registry.register(name, path, root)
+            self.registry.register(name, path, root, checked)
+
+    def check_adapter(self, path: str | os.PathLike, root: str | None = None) -> CheckedAdapter:
+        """Read a checkpoint and check it against the base model without registering it; no lock is taken, so
+        a server does this in a worker thread and then registers the result between two engine steps."""
+        path = os.fspath(path)
+        return self.registry.check_adapter(self.registry.read(path, root), os.path.basename(path))
 
     def remove_downstream(self, name: str) -> None:
         with self.lock:
@@ -135,7 +149,7 @@ class Tasks:
                 raise LoraError(f"the weight of task {name!r} must be a finite number, got {weight!r}")
         return tuple(sorted(weights.items()))
 
-    def _key(self, spec: Spec) -> Key:
+    def _merged_key(self, spec: Spec) -> Key:
         """What a spec's merged weights depend on: each task's registration (not just its name) and weight."""
         return tuple((self.registry.registrations[name].number, weight) for name, weight in spec)
 
@@ -147,7 +161,7 @@ class Tasks:
         if spec is None:
             self.switch.point(None, None)
             return
-        key = self._key(spec)
+        key = self._merged_key(spec)
         merged = self.switch.cached(key)
         if merged is None:
             keep = {*dict(spec), *dict(self.active or ())}

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lora import LoraError
-from lora.data import IGNORE_INDEX, check_packing, collate, length_grouped_batches, load_examples, pack, render_chat
+from lora.chat import render_chat
+from lora.data import IGNORE_INDEX, check_packing, collate, length_grouped_batches, load_examples, pack
 
 from .conftest import PROMPT, make_records
 

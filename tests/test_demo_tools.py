@@ -154,7 +154,9 @@ def test_report_has_the_tables_and_both_pictures(tmp_path):
     summary = {"model": "tiny", "base_parameters": 134_515_008, "base_bytes": 538_060_032, "threads": 2,
                "wall_seconds": 400.0, "tasks": tasks,
                "switches": [{"task": t["task"], "switch_ms": ms, "answer_seconds": 0.5, "instruction": "Who | won?",
-                             "input": "", "answer": "Ana"} for t, ms in zip(tasks * 2, [2.0, 3.0, 4.0, 10.0])]}
+                             "input": "", "answer": "Ana"} for t, ms in zip(tasks * 2, [2.0, 3.0, 4.0, 10.0])],
+               "exports": [{"task": "summarization", "adapter_gguf_bytes": 9_800_000,
+                            "command": "ollama create smollm2-summarization -f runs/demo/ollama/summarization/Modelfile"}]}
     report = write_report(tmp_path / "out", summary)
     text = open(report, encoding="utf-8").read()
     assert "| question_answering | exact match | 0.10 | **0.90** | 60 |" in text
@@ -166,6 +168,8 @@ def test_report_has_the_tables_and_both_pictures(tmp_path):
     assert "| Who \\| won? | Ana |" in text  # a bare | inside a cell would end it
     assert "| summarization | ROUGE-L F1 | **0.90** | 0.80 | 100% | 75% |" in text  # with and without its schema
     assert "| question_answering | exact match | **0.90** |" not in text
+    assert "| summarization | 9.8 MB | `ollama create smollm2-summarization -f runs/demo/ollama/summarization/Modelfile` |" \
+        in text
     assert "6.7 min" in text and "![base model vs adapter](metrics.png)" in text and "(loss.png)" in text
     for picture in ("loss.png", "metrics.png"):
         assert (tmp_path / "out" / picture).stat().st_size > 10_000

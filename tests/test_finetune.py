@@ -254,7 +254,7 @@ def test_early_stopping_keeps_the_best_adapter(tiny_llama, task_dir, tmp_path, m
     assert "Early stopping" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- resume checks (issue 10, items 8 and 11)
+# ---------------------------------------------------------------- resume checks
 
 @pytest.fixture
 def two_epochs(tiny_llama, task_dir, tmp_path):

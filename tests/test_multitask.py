@@ -154,6 +154,31 @@ def test_threads_get_the_outputs_of_sequential_calls(tiny_llama, adapters):
     assert got == expected
 
 
+def test_threads_share_a_started_engine_and_get_what_each_request_gets_alone(tiny_llama, adapters):
+    """With an engine thread, concurrent calls from many threads run in one batch (several tasks per step),
+    and each still gets exactly its answer alone; a task replaced meanwhile answers with its new weights."""
+    mt = multitask(tiny_llama, adapters)
+    reqs = requests(16)
+    expected = [mt.generate_response(**r) for r in reqs]
+    engine = mt.start(batch_size=8)
+    try:
+        got = [None] * len(reqs)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, mt.generate_response(**reqs[i])))
+                   for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == expected
+        stats = engine.stats()
+        assert stats["steps_total"] < stats["generation_tokens_total"]  # requests shared steps
+        mt.add_downstream("qa", adapters["sum"])  # the name now means other weights
+        as_sum = mt.generate_response(**{**reqs[1], "downstream": "sum"})
+        assert mt.generate_response(**{**reqs[1], "downstream": "qa"}) == as_sum != expected[1]
+    finally:
+        mt.shutdown()
+
+
 def test_recent_tasks_keep_merged_weights_within_budget(tiny_llama, adapters, monkeypatch):
     merges = []
     monkeypatch.setattr(torch, "addmm", lambda *a, real=torch.addmm, **k: merges.append(1) or real(*a, **k))

@@ -5,7 +5,7 @@ import sys
 
 from ..distributed import launched_by_torchrun
 from ..errors import LoraError
-from . import chat, eval, finetune, generate, serve
+from . import chat, eval, export, finetune, generate, serve
 
 COMMANDS = {  # name: (module with add_arguments and run, help)
     "finetune": (finetune, "train one LoRA adapter (Alpaca or chat data, one or more processes)"),
@@ -13,6 +13,7 @@ COMMANDS = {  # name: (module with add_arguments and run, help)
     "eval": (eval, "score a task adapter (or the base model) on a test set"),
     "generate": (generate, "one answer from a task adapter (or the base model)"),
     "chat": (chat, "interactive prompt; /task NAME switches tasks"),
+    "export": (export, "a task adapter for llama.cpp or Ollama (GGUF), or merged into a plain model folder"),
 }
 
 

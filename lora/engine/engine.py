@@ -80,7 +80,7 @@ class Engine:
         self._aborts: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = self._abort_all = False
-        self._downstreams: tuple[str, ...] = ()  # the tasks as the last step saw them (see _drop_gone)
+        self._registrations: tuple[int, ...] = ()  # the tasks as the last step saw them (see _drop_gone)
         self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "steps_total": 0}
 
     # ------------------------------------------------------------------ the API other threads call
@@ -113,6 +113,11 @@ class Engine:
         if self._thread is None:
             self._run_calls()
         return future
+
+    @property
+    def started(self) -> bool:
+        """Whether a background thread steps the engine (`start`); otherwise callers of `generate` step it."""
+        return self._thread is not None
 
     def start(self) -> None:
         """Step in a background thread whenever there is work."""
@@ -254,11 +259,11 @@ class Engine:
     def _drop_gone(self) -> None:
         """Aborted requests, and those whose task was unloaded, finish before the step is planned."""
         aborts, self._aborts = self._aborts, set()
-        downstreams = tuple(self.tasks.downstreams)
-        if downstreams != self._downstreams:  # registered or removed outside call(): cached K/V may be stale
+        registrations = self.tasks.registrations
+        if registrations != self._registrations:  # registered or removed outside call(): cached K/V may be stale
             self._forget_tasks()
-            self._downstreams = downstreams
-        known = set(downstreams)
+            self._registrations = registrations
+        known = set(self.tasks.downstreams)
         for request in self.scheduler.requests():
             if request.request_id in aborts or self._abort_all:
                 self._finish(request, "abort")

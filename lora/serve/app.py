@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from ..models import model_name
-from .gate import BODY_TIMEOUT, MAX_BODY_BYTES, Gate, GuardedH11Protocol
+from .gate import BODY_TIMEOUT, MAX_BODY_BYTES, GuardedH11Protocol, RequestGuard
 from .limits import Limits
 from .models import ServedModels
 from .protocol import APIError
@@ -64,7 +64,7 @@ def create_app(mt: Any, engine: Engine | None = None, *, served_model_name: str 
 
     app = FastAPI(title="lora-pytorch", lifespan=lifespan)
     app.state.serving, app.state.draining, app.state.in_flight = serving, False, 0
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes,  # type: ignore[arg-type]
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes,  # type: ignore[arg-type]
                        body_timeout=body_timeout)
     app.include_router(router)
     app.add_exception_handler(APIError, api_error)  # type: ignore[arg-type]

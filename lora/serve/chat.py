@@ -14,7 +14,7 @@ from .protocol import APIError, ChatRequest
 from .serving import Serving
 
 
-class Stripper:
+class TrimmedDeltas:
     """Chat and /v1/generate answers are trimmed as generate_response trims them; streamed, whitespace
     that may turn out to be trailing is held back, so the deltas add up to the trimmed answer."""
 
@@ -57,7 +57,7 @@ async def create_chat_completion(serving: Serving, body: ChatRequest,
             "object": "chat.completion.chunk" if body.stream else "chat.completion"}
     if body.stream:
         async def chunks() -> AsyncIterator[dict[str, Any]]:
-            strip = Stripper()
+            strip = TrimmedDeltas()
             for index in range(body.n):
                 yield {**head, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                             "finish_reason": None}]}

@@ -20,7 +20,7 @@ OPEN_PATHS = ("/health",)  # no key needed
 DRAIN_OPEN_PATHS = ("/health", "/metrics")  # answered while draining (/health with 503)
 
 
-class Gate:
+class RequestGuard:
     """503 once draining, bearer-token auth, and the body read whole before any route sees it: its size
     counted as the bytes arrive (a chunked body has no Content-Length to trust) and its arrival bounded
     by a deadline (408), so a client that stalls mid-body holds neither a worker nor the drain. It also

@@ -15,10 +15,10 @@ from typing import Any
 
 from fastapi.responses import PlainTextResponse
 
-from ..checkpoint import read_adapter
 from ..engine import EngineDead
 from ..errors import LoraError
 from ..files import OutsideRootError
+from ..registry import CheckedAdapter
 from .protocol import APIError, LoadAdapterRequest, UnloadAdapterRequest
 
 log = logging.getLogger("lora.serve")
@@ -122,20 +122,15 @@ class ServedModels:
         if name in self.mt.downstreams:
             raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
 
-        def register() -> None:  # on the engine thread, between two steps
+        def register(checked: CheckedAdapter) -> None:  # on the engine thread, between two steps
             if name in self.mt.downstreams:
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
-            # With root, every read of the checkpoint (now, and again after cache eviction) opens each file
-            # below the root without following links: what is checked is what is read.
-            self.mt.add_downstream(name, path, root=self.adapter_root)
-            try:
-                self.mt.adapter(name)  # checked against the base model now, not at its first request
-            except BaseException:
-                self.mt.remove_downstream(name)
-                raise
+            # The adapter checked in the worker thread is the one registered. With root, a re-read after cache
+            # eviction opens each file below the root without following links: what is checked is what is read.
+            self.mt.add_downstream(name, path, root=self.adapter_root, checked=checked)
         try:
-            await off_loop(read_adapter, path, root=self.adapter_root)
-            await asyncio.wrap_future(self.engine.call(register))
+            checked = await off_loop(self.mt.check_adapter, path, self.adapter_root)
+            await asyncio.wrap_future(self.engine.call(lambda: register(checked)))
         except EngineDead as e:
             raise self.error(503, e, type="server_error", code="engine_dead") from None
         except OutsideRootError as e:

@@ -30,6 +30,22 @@ def test_load_and_unload_an_adapter_at_run_time(server, client, reference):
     assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name"
 
 
+def test_the_adapter_checked_is_the_one_served(server, client, adapters, reference):
+    """Loading reads and checks the checkpoint once, off the engine thread, and registers what it checked:
+    weights swapped on disk after the load do not reach the answers."""
+    url, adapter_root = server[0], adapters[1]
+    shutil.copytree(adapter_root / "extra", adapter_root / "checked")
+    assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "checked", "lora_path": "checked"}).status_code == 200
+    shutil.copy(adapters[0]["color"] / "adapter_model.safetensors", adapter_root / "checked")
+    try:
+        out = client.chat.completions.create(model="checked", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                             max_tokens=10)
+        assert out.choices[0].message.content == reference.generate_response("extra", QUESTIONS[0], max_new_tokens=10)
+    finally:
+        httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "checked"})
+        shutil.rmtree(adapter_root / "checked")
+
+
 def test_adapters_load_only_from_inside_the_adapter_root(server, adapters):
     url = server[0]
     paths, adapter_root = adapters
