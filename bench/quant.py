@@ -21,11 +21,12 @@ steps after the first (input tokens per second from it).
 
 Decode (--parts decode): single-stream greedy decoding of --decode_tokens tokens with transformers' generate
 on SmolLM2-135M-Instruct (lora.load_model("smollm2-135m")): float32, w8a16, and w8a16-head (its tied output
-head quantized too: 28M of its 135M weights, read every token); the best of --repeats, tokens per second
-after an 8-token warm-up.
+head quantized too: 28M of its 135M weights, read every token); engine-float32, engine-w8a16, engine-nf4: the
+same through MultiTaskModel(quantize=...) and lora's engine, as `lora serve --quantize` runs (base model, one
+stream); the best of --repeats, tokens per second after an 8-token warm-up.
 
 Prints markdown tables, the goals met or not (nf4 step peak <= 0.35x float32; nf4 step speed >= 0.9x PEFT +
-bitsandbytes; w8a16 decode >= 3x float32), the machine, versions and load before and after.
+bitsandbytes; the w8a16 engine's decode >= 3x the float32 engine's), the machine, versions and load before and after.
 """
 import argparse
 import ctypes
@@ -55,7 +56,7 @@ SHAPES = {
                   num_key_value_heads=4, vocab_size=4096),
 }
 TRAIN_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
-DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8")
+DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8", "engine-float32", "engine-w8a16", "engine-nf4")
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--parts", default="train,decode", help="comma-separated: train, decode")
@@ -66,7 +67,8 @@ p.add_argument("--steps", type=int, default=3, help="optimizer steps per trainin
 p.add_argument("--batch_size", type=int, default=4)
 p.add_argument("--seq_len", type=int, default=512)
 p.add_argument("--rank", type=int, default=16)
-p.add_argument("--decode_runs", default="float32,w8a16,w8a16-head", help=f"comma-separated: {', '.join(DECODE_RUNS)}")
+p.add_argument("--decode_runs", default="float32,w8a16,w8a16-head,engine-float32,engine-w8a16",
+               help=f"comma-separated: {', '.join(DECODE_RUNS)}")
 p.add_argument("--decode_tokens", type=int, default=128)
 p.add_argument("--repeats", type=int, default=2, help="decode runs per quantization, best kept")
 p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -171,10 +173,33 @@ def train_child(args):
 
 
 @torch.no_grad()
+def engine_decode(args):
+    """`lora serve --quantize`'s path: MultiTaskModel(quantize=...) and the continuous-batching engine, one stream."""
+    import lora
+    from lora.engine import Engine, SamplingParams
+
+    method = args.run.removeprefix("engine-")
+    mt = lora.MultiTaskModel("smollm2-135m", device="cpu", quantize=None if method == "float32" else method)
+    gc.collect()
+    release_free_memory()
+    messages = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+    ids = mt.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    engine = Engine(mt, max_num_seqs=1)
+    engine.generate([ids], [None], SamplingParams(max_tokens=8, min_tokens=8))  # warm-up
+    start = time.perf_counter()
+    out = engine.generate([ids], [None], SamplingParams(max_tokens=args.decode_tokens, min_tokens=args.decode_tokens))
+    seconds = time.perf_counter() - start
+    return {"run": args.run, "tokens_per_s": out[0].num_tokens / seconds, "tokens": out[0].num_tokens,
+            "rss_gib": gib(status_kib("VmRSS")), "sample": out[0].text[:60]}
+
+
+@torch.no_grad()
 def decode_child(args):
     import lora
     from lora.quant import quantize_model
 
+    if args.run.startswith("engine-"):
+        return engine_decode(args)
     model, tokenizer = lora.load_model("smollm2-135m")
     if args.run != "float32":
         quantize_model(model, args.run.removesuffix("-head"), head=args.run.endswith("-head"))
@@ -242,7 +267,8 @@ def decode_table(args, results):
         if r["run"] not in best or r["tokens_per_s"] > best[r["run"]]["tokens_per_s"]:
             best[r["run"]] = r
     base = best.get("float32")
-    print(f"\n### Single-stream decode, SmolLM2-135M-Instruct, transformers generate, {args.decode_tokens} tokens, "
+    print(f"\n### Single-stream decode, SmolLM2-135M-Instruct, transformers generate (engine-*: lora's engine, "
+          f"`lora serve --quantize`'s path), {args.decode_tokens} tokens, "
           f"best of {args.repeats}\n")
     print("| base | tokens/s | vs float32 | RSS (GiB) | first words |")
     print("|---|---|---|---|---|")
@@ -251,7 +277,10 @@ def decode_table(args, results):
               f"| {r['sample']!r} |")
     if base and "w8a16" in best:
         x = best["w8a16"]["tokens_per_s"] / base["tokens_per_s"]
-        print(f"\nGoal w8a16 decode >= 3x float32 (here transformers generate, not the engine): {x:.2f}x, "
+        print(f"\nw8a16 decode vs float32 with transformers generate: {x:.2f}x")
+    if "engine-float32" in best and "engine-w8a16" in best:
+        x = best["engine-w8a16"]["tokens_per_s"] / best["engine-float32"]["tokens_per_s"]
+        print(f"Goal `--quantize int8` (w8a16) engine decode >= 3x the float32 engine: {x:.2f}x, "
               f"{'met' if x >= 3 else 'NOT met'}")
 
 

@@ -25,7 +25,15 @@ from .atomic import atomic_directory
 from .data import FORMAT_KEYS, check_prompt_format
 from .errors import LoraError
 from .files import MAX_JSON_BYTES, MissingFileError, read_bytes, read_text
-from .fingerprint import WeightOf, check_fingerprint, fingerprint, fingerprint_mismatch
+from .fingerprint import (
+    QUANTIZED_TOLERANCE,
+    TOLERANCE,
+    WeightOf,
+    any_quantized,
+    check_fingerprint,
+    fingerprint,
+    fingerprint_mismatch,
+)
 from .inject import find_targets, lora_layers, wrap
 from .layers import LoraLayer, in_out_features
 from .peft_format import (
@@ -54,7 +62,7 @@ DATA_FORMATS = tuple(FORMAT_KEYS)
 TASK_FIELDS = {"prompt_format": (str, "a string"), "base_model_name_or_path": (str, "a string"),
                "system_prompt": (str, "a string"), "chat_template": (bool, "true or false"),
                "training_args": (dict, "an object"), "base_fingerprint": (dict, "an object"),
-               "response_schema": (dict, "a JSON schema object")}
+               "response_schema": (dict, "a JSON schema object"), "quantization_config": (dict, "an object")}
 # How a full disk shows: OSError ENOSPC from Python, "os error 28" from safetensors, and from torch.save only
 # "[enforce fail at inline_container.cc:...] unexpected pos" or "... file write failed".
 DISK_FULL = ("No space left on device", "os error 28", "inline_container", "file write failed")
@@ -300,7 +308,9 @@ def check_compatible(adapter: Adapter, model: nn.Module, weight_of: WeightOf | N
         if (m.A.shape[1], m.B.shape[0]) != (in_f, out_f):
             fail(f"{name} maps {in_f} -> {out_f} features, the adapter {m.A.shape[1]} -> {m.B.shape[0]}")
     expected = adapter.task.get("base_fingerprint")
-    reason = expected and fingerprint_mismatch(expected, model, weight_of)
+    # Quantized on either side (recorded in the adapter's task, or packed here): compare as de-quantized weights
+    lossy = bool(adapter.task.get("quantization_config")) or any_quantized(model, list(adapter.modules))
+    reason = expected and fingerprint_mismatch(expected, model, weight_of, QUANTIZED_TOLERANCE if lossy else TOLERANCE)
     if reason:
         fail(reason)
 

@@ -1,4 +1,5 @@
 """Module surgery: find the modules `target_modules` names and wrap them in LoRA layers."""
+import sys
 from collections.abc import Mapping
 
 import torch.nn as nn
@@ -9,6 +10,7 @@ from .files import MAX_JSON_BYTES, read_text
 from .layers import SUPPORTED, LoraLayer
 from .patterns import check_pattern, fullmatch, is_regex, pattern_value
 from .peft_format import check_rank
+from .quant import dequantize_model, is_quantized
 
 
 def read_target_modules(path: str) -> list[str]:
@@ -110,7 +112,17 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and remove the LoRA layers: a plain model again."""
+    """Fold every adapter into its base weight and remove the LoRA layers: a plain model again.
+
+    Packed weights cannot take an adapter: on a quantized base (lora.quant) every quantized layer is first
+    replaced by a float copy of its de-quantized weights, and a note on stderr says so. The result is then a
+    float model: the quantized base's values plus the adapters, never the original float weights.
+    """
+    layers = lora_layers(model)
+    if any(is_quantized(layer.base_layer) for layer in layers.values()):
+        names = dequantize_model(model)
+        print(f"note: the base model is quantized; merging into a de-quantized float copy of its {len(names)} "
+              "quantized layers (lora.quant.dequantize_model)", file=sys.stderr)
     for name, layer in lora_layers(model).items():
         set_submodule(model, name, layer.merged())
     return model

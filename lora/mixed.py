@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from .checkpoint import Adapter
 
 Hook = Callable[[torch.nn.Module, tuple, torch.Tensor], torch.Tensor]
+Part = tuple[float, Adapter]  # (weight, adapter): one term of a blend
 
 
 class MixedAdapters:
@@ -19,28 +20,31 @@ class MixedAdapters:
     zeroes the others, in three kernels per module however many tasks share the batch.
     """
 
-    def __init__(self, model: torch.nn.Module, tasks: Sequence[str], adapters: Sequence[Adapter],
+    def __init__(self, model: torch.nn.Module, tasks: Sequence[str], adapters: Sequence[Adapter | Sequence[Part]],
                  dtype: torch.dtype = torch.float32) -> None:
+        """adapters[i] is tasks[i]'s adapter, or for a blend its (weight, adapter) parts."""
         self.tasks = tuple(tasks)
         self.index: torch.Tensor | None = None
         per_module: dict[str, list] = {}
-        for i, adapter in enumerate(adapters, 1):
-            for name, m in adapter.modules.items():
-                per_module.setdefault(name, []).append((i, m))
+        for i, parts in enumerate(adapters, 1):
+            for weight, adapter in [(1.0, parts)] if isinstance(parts, Adapter) else parts:
+                for name, m in adapter.modules.items():
+                    per_module.setdefault(name, []).append((i, weight * m.scaling, m))
         self._hooks: list[tuple[torch.nn.Module, Hook]] = []
         for name, items in per_module.items():
-            A = torch.cat([m.A.to(dtype) for _, m in items]).T  # (in, total rank)
-            B = torch.cat([m.B.to(dtype) for _, m in items], dim=1).T  # (total rank, out)
+            A = torch.cat([m.A.to(dtype) for _, _, m in items]).T  # (in, total rank)
+            B = torch.cat([m.B.to(dtype) for _, _, m in items], dim=1).T  # (total rank, out)
             scales = torch.zeros(len(self.tasks) + 1, A.shape[1], device=A.device, dtype=dtype)
             start = 0
-            for i, m in items:
-                scales[i, start:start + m.A.shape[0]] = m.scaling
+            for i, scale, m in items:
+                scales[i, start:start + m.A.shape[0]] = scale
                 start += m.A.shape[0]
             module = model.get_submodule(name)
             self._hooks.append((module, self._hook(A, B, scales, isinstance(module, torch.nn.Embedding))))
 
     def select(self, index: torch.Tensor) -> None:
-        """Which task each token (batch, seq) or row (batch, 1) uses from now on: 0 the base, i + 1 tasks[i]."""
+        """Which task each token (batch, seq) or row (batch, 1) uses from now on: 0 the base, i + 1 tasks[i]
+        (a 0-d index: every token)."""
         self.index = index
 
     @contextlib.contextmanager

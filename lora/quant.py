@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import LoraError
-from .inject import lora_layers, set_submodule
+from .layers import LoraLayer
 
 BNB_METHODS = ("nf4", "fp4", "int8")
 METHODS = (*BNB_METHODS, "w8a16")
@@ -187,7 +187,7 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
     is left on the model (see model_quantization).
     """
     q = check_quantization(method, double_quant, compute_dtype, head)
-    if lora_layers(model):
+    if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise LoraError("quantize the base model before adding LoRA layers: load a fresh base model, quantize it, "
                         "then inject or load the adapter")
     if getattr(model, RECORD_ATTR, None) is not None:
@@ -204,7 +204,7 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
         if linear.weight.device.type == "meta":
             raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
         new = Int8Linear.from_linear(linear).to(target) if bnb is None else _bnb_linear(bnb, linear, q, target)
-        set_submodule(model, name, new.train(linear.training))
+        model.set_submodule(name, new.train(linear.training))
     setattr(model, RECORD_ATTR, asdict(q))
     return names
 
@@ -244,6 +244,16 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
 
 
+def num_parameters(model: nn.Module) -> int:
+    """The parameters a model holds (a tied one once), a packed weight counted as the float weight it stands for."""
+    counts: dict[int, int] = {}
+    modules: list[Any] = list(model.modules())
+    for m in modules:
+        for name, p in m.named_parameters(recurse=False):
+            counts[id(p)] = m.in_features * m.out_features if name == "weight" and is_quantized(m) else p.numel()
+    return sum(counts.values())
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """A Linear's (out, in) float weight: itself, or a float32 de-quantized copy where it is packed."""
     weight: Any = module.weight
@@ -278,7 +288,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list
         linear.weight = nn.Parameter(dense_weight(module).detach().to(dtype, copy=True), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(dtype, copy=True), requires_grad=False)
-        set_submodule(model, name, linear.train(module.training))
+        model.set_submodule(name, linear.train(module.training))
     if names and hasattr(model, RECORD_ATTR):
         delattr(model, RECORD_ATTR)
     return names

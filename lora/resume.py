@@ -20,7 +20,7 @@ from .train_config import TrainConfig
 # Flags whose change on resume makes a different run than the one the checkpoint belongs to.
 RUN_SETTINGS = ("seed", "learning_rate", "weight_decay", "lr_scheduler", "warmup_steps", "num_epochs", "max_steps",
                 "max_seq_length", "lora_dropout", "max_grad_norm", "mixed_precision", "dtype", "train_on_inputs",
-                "packing", "group_by_length")
+                "packing", "group_by_length", "quantize", "double_quant", "compute_dtype")
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import Adapter
 from .layers import weight_is_transposed
+from .quant import dense_weight
 from .registry import ByteLRU
 
 Spec = tuple[tuple[str, float], ...]  # Tasks.normalize's form of a task or blend: sorted (task, weight)
@@ -64,10 +65,10 @@ class Switch:
         return self._targets[module_name]
 
     def base_weight(self, module_name: str) -> torch.Tensor:
-        """A module's base weight, whichever task is applied."""
+        """A module's base weight, whichever task is applied (de-quantized where packed: lora.quant)."""
         if module_name in self._targets:
             return self._targets[module_name].base
-        return cast(torch.Tensor, self.model.get_submodule(module_name).weight)
+        return dense_weight(self.model.get_submodule(module_name))
 
     def plan(self, parts: Sequence[tuple[float, Adapter]]) -> dict[str, LowRank]:
         """What to add to each module's base weight for a weighted sum of adapters."""

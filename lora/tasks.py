@@ -1,4 +1,9 @@
-"""Tasks: one base model and its registered LoRA tasks, applied exactly (merged weights) or per token (mixed)."""
+"""Tasks: one base model and its registered LoRA tasks, applied exactly (merged weights) or per token (mixed).
+
+Over a quantized base (lora.quant) packed weights cannot take a merged task: there `merges` is False and a task
+applied to the whole model (activate, apply_downstream) is its low-rank update added to each layer's output
+by forward hooks, the per-token update mixed batches use. The base weights are never written either way.
+"""
 import contextlib
 import math
 import os
@@ -12,6 +17,7 @@ from .checkpoint import Adapter
 from .errors import LoraError
 from .mixed import MixedAdapters
 from .models import load_model
+from .quant import is_quantized, quantize_model
 from .registry import CheckedAdapter, Registry, read_mapper
 from .switch import Key, Spec, Switch
 
@@ -38,23 +44,32 @@ class Tasks:
     LRU cache of at most `cache_bytes` on the model's device (plus `host_cache_bytes` in CPU memory
     for models on an accelerator). Merged weights of recently used tasks are kept up to
     `merged_cache_bytes` (0: only the active task's; every switch then rebuilds). Mixed batches compute
-    each token's update in `update_dtype`.
+    each token's update in `update_dtype`. `quantize` (nf4, fp4, int8, w8a16; with `double_quant`,
+    `compute_dtype`) quantizes the base's linear layers (a loaded model's in place), see lora.quant.
     """
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, mapper: str | os.PathLike | dict | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  tokenizer: object = None, cache_bytes: int = 512 << 20, host_cache_bytes: int = 2 << 30,
-                 merged_cache_bytes: int = 2 << 30, update_dtype: torch.dtype = torch.float32) -> None:
+                 merged_cache_bytes: int = 2 << 30, update_dtype: torch.dtype = torch.float32,
+                 quantize: str | None = None, double_quant: bool = False, compute_dtype: str | None = None) -> None:
         hf_model: torch.nn.Module
         if isinstance(model, (str, os.PathLike)):
-            hf_model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto")
+            hf_model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto", quantize=quantize,
+                                             double_quant=double_quant, compute_dtype=compute_dtype)
         elif not isinstance(model, torch.nn.Module):
             raise LoraError(f"model is a loaded model or a model's name or path, not {type(model).__name__}")
         elif tokenizer is None:
             raise LoraError("pass tokenizer= along with a loaded model")
         else:
             hf_model = model if device is None else model.to(device)
+            if quantize is not None:
+                quantize_model(hf_model, quantize, double_quant, compute_dtype)
         self.pretrained_model, self.tokenizer = hf_model.eval(), tokenizer
+        # Packed weights cannot take a merged task: then a task applies as forward hooks (see the module's doc).
+        self.merges = not any(is_quantized(m) for m in hf_model.modules())
+        self._hooks = contextlib.ExitStack()  # the applied task's hooks where the base does not merge
+        self._hooked: Spec | None = None
         first = next(hf_model.parameters())
         self.device, self.dtype, self.update_dtype = first.device, first.dtype, update_dtype
         self.switch = Switch(hf_model, merged_cache_bytes)
@@ -78,7 +93,7 @@ class Tasks:
     @property
     def active(self) -> Spec | None:
         """The task (or blend) applied now, in `normalize`'s form; None for the base model."""
-        return self.switch.active_spec
+        return self.switch.active_spec if self.merges else self._hooked
 
     def add_downstream(self, name: str, path: str | os.PathLike, root: str | None = None,
                        checked: CheckedAdapter | None = None) -> None:
@@ -158,6 +173,9 @@ class Tasks:
         spec = self.normalize(downstream)
         if spec == self.active:
             return
+        if not self.merges:
+            self._hook(spec)
+            return
         if spec is None:
             self.switch.point(None, None)
             return
@@ -177,8 +195,24 @@ class Tasks:
                 raise
         self.switch.point(key, merged)
 
+    def _hook(self, spec: Spec | None) -> None:
+        """Over a quantized base: the task's (or blend's) update added to every token by forward hooks."""
+        self._hooks.close()
+        self._hooked = None
+        if spec is None:
+            return
+        keep = dict(spec)
+        parts = [(weight, self.registry.adapter(name, keep)) for name, weight in spec]  # read and validated
+        self.registry.check_update(spec, self.update_dtype)
+        update = MixedAdapters(self.pretrained_model, ["+".join(keep)], [parts], self.update_dtype)
+        update.select(torch.tensor(1, device=self.device))  # every token
+        self._hooks.enter_context(update.attached())
+        self._hooked = spec
+
     def activate(self, downstream: Downstream) -> None:
-        """Switch the base model to a task (None: the plain base; {task: weight}: a weighted sum) and stay."""
+        """Switch the base model to a task (None: the plain base; {task: weight}: a weighted sum) and stay.
+
+        Merged weights, or over a quantized base (`merges` False) forward hooks adding the task's update."""
         with self.lock:
             self._switch(downstream)
 

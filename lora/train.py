@@ -30,6 +30,7 @@ from .metrics import FILE as METRICS_FILE
 from .metrics import append_metrics, restart_metrics
 from .models import context_length, load_model, resolve_device
 from .plots import plot_losses
+from .quant import model_quantization, num_parameters
 from .resume import Position, check_resume_applies, restore, run_settings
 from .structured import load_response_schema
 from .train_args import config_from_args
@@ -134,7 +135,9 @@ def setup(config: TrainConfig) -> Run:
     schema = load_response_schema(config.response_schema) if config.response_schema else None
     if rank > 0:
         distributed.barrier()  # process 0 prepares the default model once; the others then read it
-    model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype, device=device)
+    model, tokenizer = load_model(config.model_name_or_path, dtype=config.dtype, device=device,
+                                  quantize=config.quantize, double_quant=config.double_quant,
+                                  compute_dtype=config.compute_dtype)
     if rank == 0:
         distributed.barrier()
     config = cap_max_seq_length(config, model)
@@ -160,7 +163,7 @@ def setup(config: TrainConfig) -> Run:
     params = lora_parameters(model)
     if rank == 0:
         n_lora = sum(p.numel() for p in params)
-        n_base = sum(p.numel() for p in model.parameters()) - n_lora
+        n_base = num_parameters(model) - n_lora
         print(f"LoRA trains {n_lora:,} parameters, {100 * n_lora / n_base:.3f}% of the base model's {n_base:,}"
               + (f", in {world_size} processes" if world_size > 1 else ""), file=sys.stderr)
     if config.gradient_checkpointing:
@@ -180,6 +183,9 @@ def setup(config: TrainConfig) -> Run:
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=config.mixed_precision == "fp16")
     task_meta["training_args"] = asdict(config)
     settings = run_settings(config, world_size, task_meta)
+    quantization = model_quantization(model)
+    if quantization is not None:  # the base the adapter was trained on; PEFT users pass it to BitsAndBytesConfig
+        task_meta["quantization_config"] = quantization
     position = Position()
     if state is not None:
         position = restore(state, config, settings, optimizer, scheduler, scaler, len(train_set), rank == 0)

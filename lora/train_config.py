@@ -11,6 +11,7 @@ from typing import Any
 
 from .data import FORMAT_KEYS
 from .errors import LoraError
+from .quant import METHODS, check_quantization
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16")  # --mixed_precision: the autocast dtype's short name
@@ -73,7 +74,13 @@ class TrainConfig:
            "in best/ (0: off)")
     # ---- how the base model is loaded and run
     dtype: str = flag("float32", "base model dtype: float32, bfloat16 or float16", DTYPES)
-    # (QLoRA's --quantize, --double_quant and --compute_dtype belong here, with their checks in check().)
+    quantize: str | None = flag(
+        None, "QLoRA: quantize the frozen base's linear layers (not its output head) at load: nf4 or fp4 (4-bit), "
+              "int8 (8-bit LLM.int8()), all bitsandbytes; w8a16 (int8 weights, bfloat16 activations, no "
+              "bitsandbytes needed). LoRA weights stay float32", METHODS)
+    double_quant: bool = flag(False, "nf4/fp4: quantize the 4-bit block scales too (QLoRA's double quantization)")
+    compute_dtype: str | None = flag(None, "nf4/fp4: the dtype 4-bit matmuls run in (default float32)",
+                                     ("float32", "bfloat16", "float16"))
     mixed_precision: str | None = flag(
         None, "autocast the forward pass to bf16 or fp16; LoRA weights and optimizer stay float32 (fp16 adds loss "
               "scaling)", PRECISIONS)
@@ -118,6 +125,11 @@ class TrainConfig:
             raise LoraError("--evaluate needs --validation_data_path")
         if self.early_stopping_patience and not (self.validation_data_path and self.evaluate is not False):
             raise LoraError("--early_stopping_patience watches the validation loss: add --validation_data_path")
+        if self.quantize is not None:
+            check_quantization(self.quantize, self.double_quant, self.compute_dtype)
+        elif self.double_quant or self.compute_dtype is not None:
+            raise LoraError(f"--{'double_quant' if self.double_quant else 'compute_dtype'} applies to a quantized "
+                            "base: add --quantize nf4 (or fp4)")
         if self.packing and self.group_by_length:
             raise LoraError("--group_by_length has nothing to group with --packing (packed rows are all about "
                             "--max_seq_length long); use one of them")

@@ -1,22 +1,30 @@
 """Quantized base models: LoRA trains over 4-bit and 8-bit layers, saves, reloads, and matches PEFT + bitsandbytes."""
+import contextlib
+import json
+import os
+import re
 import sys
 
 import pytest
 import torch
 import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora
+from lora.cli import main
+from lora.data import collate, load_examples
 from lora.quant import (
     METHODS,
     Int8Linear,
     dense_weight,
     dequantize_model,
+    is_quantized,
     model_quantization,
     quantization_config,
     quantize_model,
 )
 
-from .conftest import PROMPT, make_records
+from .conftest import PROMPT, finetune_argv, make_records, write_task
 
 BNB_METHODS = ("nf4", "fp4", "int8")
 
@@ -167,7 +175,7 @@ def nbytes(model, names):
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8", "w8a16"])
-def test_merge_is_refused_on_packed_weights_and_works_after_dequantizing(tiny_llama, tiny_tokenizer, method):
+def test_merge_goes_through_a_dequantized_copy_and_says_so(tiny_llama, tiny_tokenizer, method, capsys):
     model = lora.load_model(tiny_llama, quantize=method)[0]
     lora.inject(model, ["q_proj", "o_proj"], r=4)
     torch.manual_seed(2)
@@ -176,11 +184,11 @@ def test_merge_is_refused_on_packed_weights_and_works_after_dequantizing(tiny_ll
     batch = token_batch(tiny_tokenizer)
     expected = logits(model.train(), batch)
     with pytest.raises(lora.LoraError, match=r"cannot merge .* quantized .*\(lora.quant.dequantize_model\)"):
-        lora.merge_and_unload(model)
-    assert dequantize_model(model)
-    assert model_quantization(model) is None
+        model.model.layers[0].self_attn.q_proj.merged()  # a packed layer alone refuses
     merged = lora.merge_and_unload(model)
-    assert not lora.lora_layers(merged)
+    assert "merging into a de-quantized float copy of its 14 quantized layers" in capsys.readouterr().err
+    assert not lora.lora_layers(merged) and model_quantization(merged) is None
+    assert not any(is_quantized(m) for m in merged.modules())
     tolerance = 2e-2 if method == "w8a16" else 1e-4  # w8a16 runs bfloat16 activations, the float copy float32
     torch.testing.assert_close(logits(merged, batch), expected, rtol=tolerance, atol=tolerance)
 
@@ -227,3 +235,88 @@ def test_compute_dtype_and_double_quant_are_recorded(tiny_llama):
     assert record["load_in_4bit"] and record["bnb_4bit_quant_type"] == "nf4"
     assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
     assert model_quantization(lora.load_model(tiny_llama)[0]) is None
+
+
+# ---------------------------------------------------------------- QLoRA through `lora finetune`
+
+def test_qlora_finetune_with_checkpointing_and_packing_trains_saves_and_reloads(tiny_llama, other_llama, tmp_path,
+                                                                                capsys):
+    task = write_task(tmp_path / "task")
+    ckpt = tmp_path / "ckpt"
+    argv = finetune_argv(tiny_llama, task, ckpt, "--quantize", "nf4", "--double_quant", "--gradient_checkpointing",
+                         "--packing", "--max_seq_length", 128, "--batch_size", 2, "--num_epochs", 3,
+                         "--learning_rate", 1e-2, "--lora_dropout", 0, "--validation_data_path",
+                         task / "validation.json")
+    assert main(["finetune", *argv]) == 0
+    assert "of the base model's 44,192" in capsys.readouterr().err  # packed 4-bit weights counted as floats
+    val = [r["val_loss"] for r in map(json.loads, open(ckpt / "metrics.jsonl")) if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 0.2
+    meta = json.loads((ckpt / "final" / "lora_task.json").read_text())
+    assert meta["quantization_config"] == quantization_config("nf4", double_quant=True)
+    assert meta["training_args"]["quantize"] == "nf4"
+    # Reloaded on a fresh base quantized the same way, it is the model training validated...
+    model, tokenizer = lora.load_model(tiny_llama, quantize="nf4", double_quant=True)
+    lora.load_adapter(model, ckpt / "final")
+    examples = load_examples(str(task / "validation.json"), tokenizer, 128, prompt_format=PROMPT)[0]
+    with torch.no_grad():
+        loss = model(**collate(examples, tokenizer.pad_token_id)).loss
+    assert float(loss) == pytest.approx(val[-1], rel=1e-4)
+    # ... and it is refused on another model, quantized or not.
+    for quantize in (None, "nf4"):
+        with pytest.raises(lora.LoraError, match="weights of .* differ from those the adapter was trained on"):
+            lora.load_adapter(lora.load_model(other_llama, quantize=quantize)[0], ckpt / "final")
+
+
+@pytest.fixture(scope="module")
+def wide_llamas(tiny_tokenizer, tmp_path_factory):
+    """Two Llamas with weights of 8k+ values (bitsandbytes' CPU 4-bit quantization is far coarser below ~4k), the
+    second with other weights of another scale, as two trained models have. (Two random models of one
+    initialisation differ in a sample's sums by about as much as 4-bit quantization moves them.)"""
+    paths = []
+    for seed, scale in ((0, 0.02), (1, 0.03)):
+        torch.manual_seed(seed)
+        config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=len(tiny_tokenizer), max_position_embeddings=256,
+                             initializer_range=scale)
+        path = tmp_path_factory.mktemp(f"wide-llama-{seed}")
+        LlamaForCausalLM(config).save_pretrained(path)
+        tiny_tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def test_adapters_move_between_float_and_quantized_bases(wide_llamas, tmp_path):
+    base, other = wide_llamas
+    for method in (None, *METHODS):  # trained on each base, loaded on each other one
+        model = lora.load_model(base, quantize=method)[0]
+        lora.inject(model, "all-linear", r=4)
+        lora.save_adapter(model, tmp_path / str(method), task={"quantization_config": model_quantization(model)})
+    for trained, loaded in [(a, b) for a in (None, *METHODS) for b in (None, *METHODS) if a != b]:
+        lora.load_adapter(lora.load_model(base, quantize=loaded)[0], tmp_path / str(trained))
+        with pytest.raises(lora.LoraError, match="differ from those the adapter was trained on"):
+            lora.load_adapter(lora.load_model(other, quantize=loaded)[0], tmp_path / str(trained))
+
+
+def test_resume_refuses_another_quantization(tiny_llama, tmp_path, capsys):
+    task = write_task(tmp_path / "task")
+    argv = finetune_argv(tiny_llama, task, tmp_path / "c", "--quantize", "nf4", "--max_steps", 2, "--save_steps", 1)
+    assert main(["finetune", *argv]) == 0
+    resume = [*argv, "--load_from_checkpoint", str(tmp_path / "c" / "step-1")]
+    assert main(["finetune", *resume, "--quantize", "fp4"]) == 2
+    assert "--quantize was 'nf4', now 'fp4'" in capsys.readouterr().err
+    assert main(["finetune", *resume]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--quantize", "int4"), "argument --quantize: invalid choice: 'int4'"),
+    (("--double_quant",), "--double_quant applies to a quantized base: add --quantize nf4"),
+    (("--compute_dtype", "bfloat16"), "--compute_dtype applies to a quantized base"),
+    (("--quantize", "int8", "--double_quant"), "--double_quant quantizes 4-bit block scales; .* not int8"),
+])
+def test_bad_quantize_flags_get_one_clear_line(tiny_llama, tmp_path, capsys, flags, message):
+    task = write_task(tmp_path / "task")
+    with contextlib.suppress(SystemExit):  # argparse's choices exit 2 itself
+        assert main(["finetune", *finetune_argv(tiny_llama, task, tmp_path / "c", *flags)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not os.path.exists(tmp_path / "c")

@@ -1,10 +1,12 @@
-"""What eval, generate and chat share: the model flags, loading the MultiTaskModel, and which prompt format applies."""
+"""What eval, generate, chat and serve share: model and --quantize flags, loading the MultiTaskModel, prompt formats."""
 import argparse
 
 from ..data import load_prompt_format
 from ..multitask import MultiTaskModel
 
 BASE_PROMPT = "the model's chat template around '{instruction}\\n\\n{input}'"
+# --quantize for running models: int8 means int8 weights on the fastest kernel (w8a16); bitsandbytes' own is bnb-int8
+QUANTIZE = {"int8": "w8a16", "w8a16": "w8a16", "nf4": "nf4", "fp4": "fp4", "bnb-int8": "int8"}
 
 
 def positive_int(text: str) -> int:
@@ -22,11 +24,30 @@ def add_model_arguments(p: argparse.ArgumentParser, base_prompt: str = BASE_PROM
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=positive_int, help="longest answer, in tokens")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
+    return add_quantize_arguments(p)
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--quantize", choices=list(QUANTIZE),
+                   help="run over a quantized base (its linear layers but the output head): int8 = int8 weights "
+                        "with bfloat16 activations on PyTorch's int8 weight-only kernel (the same int8 values as "
+                        "bitsandbytes' LLM.int8(), which is bnb-int8; also named w8a16); nf4 or fp4: bitsandbytes "
+                        "4-bit. Tasks then apply as per-token updates, never as merged weights")
+    p.add_argument("--double_quant", "--double-quant", action="store_true",
+                   help="nf4/fp4: quantize the 4-bit block scales too")
+    p.add_argument("--compute_dtype", "--compute-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="nf4/fp4: the dtype 4-bit matmuls run in (default float32)")
     return p
 
 
+def quantize_settings(args: argparse.Namespace) -> dict:
+    """MultiTaskModel's quantize, double_quant and compute_dtype from the parsed --quantize flags."""
+    return {"quantize": QUANTIZE.get(args.quantize or ""), "double_quant": args.double_quant,
+            "compute_dtype": args.compute_dtype}
+
+
 def load_multitask(args: argparse.Namespace) -> MultiTaskModel:
-    return MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+    return MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype, **quantize_settings(args))
 
 
 def task_or_base(name: str | None) -> str | None:

@@ -6,6 +6,7 @@ import sys
 from ..engine import Engine
 from ..errors import LoraError
 from ..multitask import MultiTaskModel
+from .common import add_quantize_arguments, quantize_settings
 
 
 def run(args: argparse.Namespace) -> None:
@@ -19,7 +20,9 @@ def run(args: argparse.Namespace) -> None:
                                ("--max-prompts", args.max_prompts, 1), ("--max-model-len", args.max_model_len, 2),
                                ("--max-waiting", args.max_waiting, 1), ("--kv-cache-bytes", args.kv_cache_bytes, 1),
                                ("--max-num-batched-tokens", args.max_num_batched_tokens, 1),
-                               ("--max-chat-turns", args.max_chat_turns, 1)):
+                               ("--max-chat-turns", args.max_chat_turns, 1),
+                               ("--max-waiting-tokens", args.max_waiting_tokens, 1),
+                               ("--max-loras", args.max_loras, 1)):
         if value is not None and value < least:
             raise LoraError(f"{flag} must be at least {least}, got {value}")
     for flag, seconds in (("--shutdown-timeout", args.shutdown_timeout), ("--body-timeout", args.body_timeout)):
@@ -27,9 +30,11 @@ def run(args: argparse.Namespace) -> None:
             raise LoraError(f"{flag} must be a positive number of seconds, got {seconds}")
     if args.adapter_root and not os.path.isdir(args.adapter_root):
         raise LoraError(f"--adapter-root {args.adapter_root} is not a folder")
-    mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype)
+    mt = MultiTaskModel(args.model, args.mapper, device=args.device, dtype=args.dtype, **quantize_settings(args))
     settings = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
-                "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens}
+                "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens,
+                "max_waiting_tokens": args.max_waiting_tokens, "max_loras": args.max_loras,
+                "enable_prefix_caching": args.enable_prefix_caching}
     engine = Engine(mt, **{k: v for k, v in settings.items() if v is not None})  # unset: the engine's defaults
     app = create_app(mt, engine, served_model_name=args.served_model_name, adapter_root=args.adapter_root,
                      api_key=args.api_key or None, max_tokens_cap=args.max_tokens_cap, max_prompts=args.max_prompts,
@@ -60,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="prompt tokens prefilled per engine step; longer prompts are split over steps")
     p.add_argument("--max-waiting", type=int,
                    help="requests that may wait for the engine (default: the engine's); past it, 429 with Retry-After")
+    p.add_argument("--max-waiting-tokens", type=int,
+                   help="prompt tokens that may wait for the engine, all requests together (default: the engine's "
+                        "4,194,304); past it, 429")
+    p.add_argument("--max-loras", type=int, help="the most distinct tasks in one engine step (default: no limit)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the K/V of a prompt prefix a finished request of the same task left (default: on)")
     p.add_argument("--max-chat-turns", type=int, default=256, help="the most messages in one chat request")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive; then 408 (a stalled client holds nothing)")
@@ -67,4 +78,4 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="after SIGTERM, seconds to let requests in flight finish; then their connections close")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if available)")
-    return p
+    return add_quantize_arguments(p)

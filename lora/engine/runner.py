@@ -50,6 +50,7 @@ class Tasks(Protocol):
     device: torch.device
     dtype: torch.dtype
     lock: threading.RLock
+    merges: bool  # False over a quantized base: a task applies as its per-token update, never merged weights
 
     @property
     def downstreams(self) -> list[str]: ...
@@ -277,7 +278,7 @@ class ModelRunner:
         self._merged_steps = self._merged_steps + 1 if uniform and specs == {self._spec} else int(uniform)
         self._spec = next(iter(specs)) if uniform else None
         must_merge = uniform and not self.tasks.can_mix(self._spec)
-        if self.mode == "merged" or must_merge or (self.mode == "auto" and uniform and (
+        if self.mode == "merged" or must_merge or (self.mode == "auto" and self.tasks.merges and uniform and (
                 self._mixed is None or self._merged_steps >= self.merge_after)):
             self._mixed = None
             self.tasks.activate(self._spec)
