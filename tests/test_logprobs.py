@@ -7,7 +7,7 @@ import torch
 import lora
 from lora.engine import Engine, SamplingParams
 from lora.errors import LoraError
-from lora.logprobs import FLOOR, chat_logprobs, completion_logprobs, prompt_logprobs, token_logprobs
+from lora.logprobs import FLOOR, TokenLogprobs, chat_logprobs, completion_logprobs, prompt_logprobs, token_logprobs
 from lora.structured import apply_masks, guide, request_constraint
 from tests.conftest import make_adapter
 
@@ -157,3 +157,13 @@ def test_echo_prompt_logprobs_through_the_engine_sum_to_the_models_own_loss(mt):
 def test_logprob_settings_out_of_range_are_refused(settings, message):
     with pytest.raises(LoraError, match=message):
         SamplingParams(**settings).check()
+
+
+def test_tokens_of_the_same_text_keep_the_likeliest_logprob_so_the_greedy_token_is_the_top_one(tiny_tokenizer):
+    half = [i for i in range(len(tiny_tokenizer)) if completion_logprobs(tiny_tokenizer, [
+        TokenLogprobs(i, -1.0)])["tokens"] == ["\ufffd"]][:2]  # parts of one UTF-8 character: both read U+FFFD
+    assert len(half) == 2
+    chosen = TokenLogprobs(half[0], -1.0, {half[0]: -1.0, half[1]: -2.0})
+    shaped = completion_logprobs(tiny_tokenizer, [chosen, TokenLogprobs(half[1], -3.0, {half[0]: -1.0})])
+    assert shaped["top_logprobs"] == [{"\ufffd": -1.0}, {"\ufffd": -1.0}]
+    assert shaped["token_logprobs"][0] == max(shaped["top_logprobs"][0].values())
