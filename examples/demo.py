@@ -31,7 +31,7 @@ from lora import DEFAULT_MODEL, MultiTaskModel, export_ollama, load_model  # noq
 from lora.checkpoint import adapter_size_bytes, load_training_state  # noqa: E402
 from lora.cli import main as lora_cli  # noqa: E402
 from lora.data import load_prompt_format, load_records  # noqa: E402
-from lora.evaluate import METRICS, evaluate  # noqa: E402
+from lora.evaluate import METRICS, evaluate, json_valid, task_schema  # noqa: E402
 from lora.models import resolve_model_path  # noqa: E402
 from lora.prompts import user_content  # noqa: E402
 
@@ -116,6 +116,8 @@ def finetune(task, force):
     argv = ["finetune", "--model_name_or_path", DEFAULT_MODEL,
             "--target_modules_path", task_file(task, "target_modules.txt"), *data_arguments(task),
             "--checkpoint_dir", run_dir, *TRAINING]
+    if os.path.exists(task_file(task, "schema.json")):  # extraction: every answer follows its schema when served
+        argv += ["--response_schema", task_file(task, "schema.json")]
     resume = newest_checkpoint(run_dir)
     if resume:
         argv += ["--load_from_checkpoint", resume]
@@ -135,7 +137,17 @@ def score(mt, task, prompt_format):
     tuned = evaluate(mt, task, records, metric, EVAL_BATCH_SIZE)
     print(f"{task:<20} {METRIC_NAMES[metric]:<12} base {base['score']:.2f}  ->  adapter {tuned['score']:.2f}"
           f"   ({len(records)} test examples, {base['seconds'] + tuned['seconds']:.0f} s)")
+    if task_schema(mt, task) is not None:  # the adapter's answers with its response_schema (as served) and without
+        free = evaluate(mt, task, records, metric, EVAL_BATCH_SIZE, constrained=False)
+        tuned["structured"] = {"unconstrained_score": free["score"],
+                               "parse": parse_rate(tuned), "unconstrained_parse": parse_rate(free)}
+        print(f"{'':<20} {'':<12} without its schema {free['score']:.2f}; answers that parse as JSON: "
+              f"{100 * parse_rate(tuned):.0f}% with it, {100 * parse_rate(free):.0f}% without")
     return base, tuned
+
+
+def parse_rate(result):
+    return sum(json_valid(p["prediction"]) for p in result["predictions"]) / max(result["n"], 1)
 
 
 def interleaved_answers(mt):
@@ -171,6 +183,7 @@ def task_summary(mt, task, base, tuned, train_seconds):
             "n": tuned["n"], "adapter_parameters": sum(m.A.numel() + m.B.numel() for m in adapter.modules.values()),
             "adapter_bytes": adapter_size_bytes(adapter.path), "train_seconds": train_seconds,
             "metrics_path": os.path.join(RUN_DIR, task, "metrics.jsonl"), "data_format": DATA_FORMATS[task],
+            "structured": tuned.get("structured"),
             "example": {"instruction": first_tuned["instruction"], "input": first_tuned["input"],
                         "output": first_tuned["output"], "base": first_base["prediction"],
                         "adapter": first_tuned["prediction"]}}

@@ -6,6 +6,8 @@ reused without parsing markdown):
     {"model": str, "base_parameters": int, "base_bytes": int, "wall_seconds": float, "threads": int,
      "tasks": [{"task", "metric", "base_score", "adapter_score", "n", "adapter_parameters", "adapter_bytes",
                 "train_seconds" (None when reused), "metrics_path", "data_format" (optional),
+                "structured" (optional: {"unconstrained_score", "parse", "unconstrained_parse"} for a task
+                with a response_schema),
                 "example": {"instruction", "input", "output", "base", "adapter"}}],
      "switches": [{"task", "switch_ms", "answer_seconds", "instruction", "input", "answer"}],
      "phases": {name: seconds}, "cpu_seconds": float, "load_average": float (all three optional)}
@@ -92,6 +94,23 @@ def example_section(t):
     return lines
 
 
+def structured_section(tasks):
+    """The adapters with a response_schema, scored with it (as served: constrained decoding) and without."""
+    rows = [t for t in tasks if t.get("structured")]
+    if not rows:
+        return []
+    lines = ["## Structured outputs", "",
+             "A task trained with `--response_schema` answers within its JSON schema when served (constrained "
+             "decoding); here the same adapter with and without it.", "",
+             "| task | metric | with its schema | without | answers that parse: with | without |",
+             "|---|---|---|---|---|---|"]
+    for t in rows:
+        s = t["structured"]
+        lines.append(f"| {t['task']} | {METRIC_NAMES.get(t['metric'], t['metric'])} | **{t['adapter_score']:.2f}** | "
+                     f"{s['unconstrained_score']:.2f} | {100 * s['parse']:.0f}% | {100 * s['unconstrained_parse']:.0f}% |")
+    return [*lines, ""]
+
+
 def write_report(out_dir, summary):
     """Write report.md, summary.json, loss.png and metrics.png into out_dir; returns report.md's path."""
     os.makedirs(out_dir, exist_ok=True)
@@ -114,6 +133,7 @@ def write_report(out_dir, summary):
              "task's instructions written out.", "", *score_table(tasks), ""]
     if metrics_png:
         lines += ["![base model vs adapter](metrics.png)", ""]
+    lines += structured_section(tasks)
     lines += ["## Training", "", *training_table(tasks), ""]
     if loss_png:
         lines += ["![training and validation loss](loss.png)", ""]

@@ -92,7 +92,7 @@ def task_schema(mt: MultiTaskModel, task: str | None) -> dict | None:
 
 def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, metric: str = "exact_match",
              batch_size: int = 16, max_new_tokens: int | None = None, prompt_format: str | None = None,
-             schema: dict | None = None) -> dict:
+             schema: dict | None = None, constrained: bool = True) -> dict:
     """Answer every record with `task`'s adapter (None: the base model) and score against its `output`.
 
     records: a list of {"instruction", "input", "output"} or an Alpaca-format file. The base model has no
@@ -101,7 +101,9 @@ def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, me
     batch_size: sequences the engine runs at once; every record is queued at once and a finished answer's
         place is taken by the next record at the next step.
     schema: the JSON schema schema_valid checks answers against; None for the task's response_schema.
-    Returns {"task", "metric", "score", "n", "seconds", "max_new_tokens", "predictions": [...]}.
+    constrained: answers follow the task's response_schema as served (constrained decoding); False scores
+        the task's free answers (to measure what the schema adds).
+    Returns {"task", "metric", "score", "n", "seconds", "max_new_tokens", "constrained", "predictions": [...]}.
     """
     if metric not in METRICS:
         raise LoraError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -120,13 +122,16 @@ def evaluate(mt: MultiTaskModel, task: str | None, records: list[dict] | str, me
     max_new_tokens = max_new_tokens or answer_budget(mt.tokenizer, rows)
     requests: list[dict[str, Any]] = [{"downstream": task, "instruction": r["instruction"], "input": r.get("input", ""),
                                        "max_new_tokens": max_new_tokens} for r in rows]
-    if prompt_format is not None:
-        for request in requests:
+    for request in requests:
+        if prompt_format is not None:
             request["prompt_format"] = prompt_format
+        if not constrained:
+            request["response_format"] = {"type": "text"}  # turns the task's response_schema off
     started = time.perf_counter()
     answers = mt.generate_responses(requests, batch_size=batch_size)  # the engine keeps its batch_size slots full
     seconds = time.perf_counter() - started
     predictions = [{**r, "prediction": a, "score": score_of(a, r["output"])} for r, a in zip(rows, answers)]
     score = sum(p["score"] for p in predictions) / max(len(predictions), 1)
     return {"task": task or "base", "metric": metric, "score": score, "n": len(predictions),
-            "seconds": round(seconds, 2), "max_new_tokens": max_new_tokens, "predictions": predictions}
+            "seconds": round(seconds, 2), "max_new_tokens": max_new_tokens,
+            "constrained": constrained and task_schema(mt, task) is not None, "predictions": predictions}

@@ -8,6 +8,7 @@ temperature, top-k or top-p (what the model says, as vLLM reports by default):
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,11 +102,16 @@ def completion_logprobs(tokenizer: Any, entries: Sequence[TokenLogprobs], text_o
         offsets.append(text_offset)
         text_offset += len(text)
     tops: list[dict[str, float | None] | None] = []
-    for e, text in zip(entries, texts):
+    for e in entries:
         if e.logprob is None:
             tops.append(None)
             continue
-        listed = {tokens.text(t): _finite(lp) for t, lp in e.top.items()}
-        tops.append({**listed, text: _finite(e.logprob)} if text not in listed else listed)
+        # keyed by text, as OpenAI's are: tokens of the same text (parts of one character all read U+FFFD) keep the
+        # likeliest one's logprob, so the greedy token's logprob is the top one (lm-eval's is_greedy reads it so)
+        listed: dict[str, float] = {}
+        for t, lp in [*e.top.items(), (e.token_id, e.logprob)]:
+            key = tokens.text(t)
+            listed[key] = max(listed.get(key, -math.inf), lp)
+        tops.append({key: _finite(lp) for key, lp in listed.items()})
     return {"tokens": texts, "token_logprobs": [_finite(e.logprob) for e in entries], "top_logprobs": tops,
             "text_offset": offsets}

@@ -1,6 +1,7 @@
 """MultiTaskModel: one base model's tasks (lora.tasks) answering request dicts through one long-lived engine."""
 import os
 import threading
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -9,9 +10,12 @@ from . import prompts
 from .engine import Engine, Output, SamplingParams
 from .errors import LoraError
 from .models import context_length
+from .structured import GUIDED_FIELDS, Grammar, guide, request_constraint
 from .tasks import Tasks
 
-REQUEST_KEYS = {"downstream", "instruction", "input", "prompt", "messages", "prompt_format"}
+# what a request may constrain its answer with (see lora.structured.request_constraint)
+CONSTRAINT_KEYS = {"response_format", "structured_outputs", *GUIDED_FIELDS}
+REQUEST_KEYS = {"downstream", "instruction", "input", "prompt", "messages", "prompt_format", *CONSTRAINT_KEYS}
 # generate_response's settings, named as transformers' generate names them, and what the engine calls them
 GENERATION_KEYS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
                    "top_p": "top_p", "top_k": "top_k", "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos"}
@@ -64,10 +68,26 @@ class MultiTaskModel(Tasks):
             self._engine.engine.shutdown()
             self._engine = None
 
+    def _meta(self, downstream: Any) -> dict | None:
+        """lora_task.json of a request's task (of a blend's heaviest task); None for the base model."""
+        spec = self.normalize(downstream)
+        return self.task_meta(max(spec, key=lambda kv: kv[1])[0]) if spec else None
+
+    def response_schema(self, downstream: Any) -> dict | None:
+        """The JSON schema a task's answers follow by default (lora_task.json's response_schema), if it has one."""
+        meta = self._meta(downstream)
+        return meta.get("response_schema") if meta else None
+
+    def grammar(self, body: Mapping[str, Any], downstream: Any = None) -> Grammar | None:
+        """The compiled constraint of a request: its response_format / guided_* / structured_outputs, else its
+        task's response_schema; None when unconstrained. Compiling takes milliseconds (cached per schema), so
+        callers do it on their own thread; a schema that cannot be compiled is a LoraError naming the problem."""
+        constraint = request_constraint(body, self.response_schema(downstream))
+        return None if constraint is None else guide(self.tokenizer).compile(constraint)
+
     def prompt_ids(self, request: dict) -> list[int]:
         """The prompt token ids of a request dict, rendered as its task was trained (see lora.prompts)."""
-        spec = self.normalize(request.get("downstream"))
-        meta = self.task_meta(max(spec, key=lambda kv: kv[1])[0]) if spec else None
+        meta = self._meta(request.get("downstream"))
         return prompts.prompt_ids(self.tokenizer, meta, instruction=request.get("instruction", ""),
                                   input=request.get("input", ""), messages=request.get("messages"),
                                   prompt=request.get("prompt"), prompt_format=request.get("prompt_format"))
@@ -77,18 +97,23 @@ class MultiTaskModel(Tasks):
 
         Each request is a dict with `downstream`, `instruction`, `input` (or a raw `prompt`, or chat
         `messages`) and optional settings named as transformers' generate names them: max_new_tokens
-        (256), min_new_tokens, temperature (0: greedy), top_p, top_k, seed, stop. `mode` is how tasks
-        share a step (see lora.engine.Engine): "auto", "merged" or "mixed".
+        (256), min_new_tokens, temperature (0: greedy), top_p, top_k, seed, stop. An answer follows the
+        task's response_schema (lora_task.json) unless the request gives its own constraint, as OpenAI's and
+        vLLM's APIs name them: response_format ({"type": "text"} for none), guided_json, guided_regex,
+        guided_choice, guided_grammar or structured_outputs. `mode` is how tasks share a step (see
+        lora.engine.Engine): "auto", "merged" or "mixed".
         """
         context = context_length(self.pretrained_model.config)
         ids, tasks, sampling = [], [], []
         for request in requests:
             unknown = sorted(set(request) - REQUEST_KEYS - set(GENERATION_KEYS))
             if unknown:
-                raise LoraError(f"unknown generation setting {unknown[0]!r}; use {', '.join(GENERATION_KEYS)}")
+                raise LoraError(f"unknown generation setting {unknown[0]!r}; use "
+                                f"{', '.join([*GENERATION_KEYS, *sorted(CONSTRAINT_KEYS)])}")
             ids.append(self.prompt_ids(request))
             tasks.append(request.get("downstream"))
             sampling.append(sampling_params(request, room=context - len(ids[-1])))
+            sampling[-1].grammar = self.grammar(request, tasks[-1])
         if not ids:
             return []
         longest = max(len(p) + s.max_tokens for p, s in zip(ids, sampling))

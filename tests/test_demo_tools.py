@@ -149,7 +149,8 @@ def test_report_has_the_tables_and_both_pictures(tmp_path):
                       "adapter_parameters": 2_442_240, "adapter_bytes": 9_800_000, "train_seconds": 75.0 if i else None,
                       "metrics_path": str(metrics), "data_format": ["alpaca", "messages"][i],
                       "example": {"instruction": "Who | won?", "input": "Ana won.", "output": "Ana", "base": "Ana won.",
-                                  "adapter": "Ana"}})
+                                  "adapter": "Ana"},
+                      "structured": {"unconstrained_score": 0.8, "parse": 1.0, "unconstrained_parse": 0.75} if i else None})
     summary = {"model": "tiny", "base_parameters": 134_515_008, "base_bytes": 538_060_032, "threads": 2,
                "wall_seconds": 400.0, "tasks": tasks,
                "switches": [{"task": t["task"], "switch_ms": ms, "answer_seconds": 0.5, "instruction": "Who | won?",
@@ -165,6 +166,8 @@ def test_report_has_the_tables_and_both_pictures(tmp_path):
     assert "| question_answering | alpaca | 2 | reused | 2.000 -> 1.000 | 1.200 -> 1.200 |" in text
     assert "| summarization | messages | 2 | 75 s |" in text
     assert "| Who \\| won? | Ana |" in text  # a bare | inside a cell would end it
+    assert "| summarization | ROUGE-L F1 | **0.90** | 0.80 | 100% | 75% |" in text  # with and without its schema
+    assert "| question_answering | exact match | **0.90** |" not in text
     assert "| summarization | 9.8 MB | `ollama create smollm2-summarization -f runs/demo/ollama/summarization/Modelfile` |" \
         in text
     assert "6.7 min" in text and "![base model vs adapter](metrics.png)" in text and "(loss.png)" in text

@@ -1,4 +1,5 @@
 """Constrained decoding: sampled answers always satisfy the request's schema, regex or choices; bad ones are refused."""
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -9,8 +10,9 @@ import torch
 
 import lora
 from lora.cli import main
+from lora.engine import Engine, SamplingParams
 from lora.errors import LoraError
-from lora.evaluate import evaluate
+from lora.evaluate import evaluate, json_valid
 from lora.structured import (
     Constraint,
     apply_masks,
@@ -73,15 +75,56 @@ def generate(model, tokenizer, matchers, max_tokens, temperature=1.0, seed=0):
     return [tokenizer.decode(a) for a in answers], [not alive for alive in live]
 
 
-def test_a_thousand_answers_sampled_at_temperature_1_all_validate_against_the_schema(tiny):
-    model, tokenizer = tiny
-    grammar = compiled(tokenizer, {"response_format": {"type": "json_schema",
-                                                       "json_schema": {"name": "x", "schema": SCHEMA}}})
-    answers, complete = generate(model, tokenizer, [grammar.matcher() for _ in range(1000)], max_tokens=60)
-    assert all(complete)
-    for answer in answers:
-        jsonschema.validate(json.loads(answer), SCHEMA)
-    assert len(set(answers)) > 50  # sampled, not one forced answer (126 answers are possible)
+@pytest.fixture(scope="module")
+def mt(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("structured-adapters")
+    return lora.MultiTaskModel(tiny_llama, {"qa": make_adapter(tiny_llama, root / "qa", ["q_proj", "v_proj"], 0),
+                                            "sum": make_adapter(tiny_llama, root / "sum", "all-linear", 1)})
+
+
+def test_a_thousand_answers_sampled_at_temperature_1_through_the_engine_all_validate_against_the_schema(mt):
+    grammar = compiled(mt.tokenizer, {"response_format": {"type": "json_schema",
+                                                          "json_schema": {"name": "x", "schema": SCHEMA}}})
+    ids = mt.tokenizer("### Response:\n")["input_ids"]
+    sampling = [SamplingParams(max_tokens=60, temperature=1.0, seed=i, grammar=grammar) for i in range(1000)]
+    outputs = Engine(mt, max_num_seqs=128).generate([ids] * 1000, ["qa", None, "sum", "qa"] * 250, sampling)
+    assert all(out.finish_reason == "stop" for out in outputs), {out.finish_reason for out in outputs}
+    for out in outputs:
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert len({out.text for out in outputs}) > 50  # sampled, not one forced answer (126 answers are possible)
+
+
+def test_a_constrained_request_in_a_mixed_batch_answers_as_alone_and_leaves_its_neighbours_unchanged(mt):
+    grammar = compiled(mt.tokenizer, {"guided_json": SCHEMA})
+    prompts = [mt.tokenizer(f"What colour is the {thing}?")["input_ids"] for thing in ("tiger", "lamp", "apple")]
+    tasks = ["qa", "sum", None]
+    free = SamplingParams(max_tokens=20, min_tokens=20, temperature=1.0, seed=7)
+    constrained = SamplingParams(max_tokens=60, temperature=1.0, seed=7, grammar=grammar)
+    settings = [free, constrained, free]
+    together = Engine(mt, max_num_seqs=3, mode="mixed").generate(prompts, tasks, settings)
+    for ids, task, sampling, out in zip(prompts, tasks, settings, together):
+        alone = Engine(mt, max_num_seqs=1).generate([ids], [task], sampling)[0]
+        assert out.new_token_ids == alone.new_token_ids
+    jsonschema.validate(json.loads(together[1].text), SCHEMA)
+    assert together[1].finish_reason == "stop"
+    unconstrained = Engine(mt, max_num_seqs=1).generate([prompts[1]], ["sum"], dataclasses.replace(
+        constrained, grammar=None))[0]
+    assert unconstrained.new_token_ids != together[1].new_token_ids  # the mask did change what was sampled
+
+
+def test_max_tokens_ends_a_constrained_answer_with_length_and_min_tokens_yields_to_the_grammar(mt):
+    grammar = compiled(mt.tokenizer, {"guided_json": SCHEMA})
+    ids = mt.tokenizer("### Response:\n")["input_ids"]
+    cut = Engine(mt).generate([ids], ["qa"], SamplingParams(max_tokens=3, grammar=grammar))[0]
+    assert cut.finish_reason == "length" and cut.num_tokens == 3
+    choice = compiled(mt.tokenizer, {"guided_choice": ["yes", "no"]})
+    out = Engine(mt).generate([ids], ["qa"], SamplingParams(max_tokens=30, min_tokens=20, grammar=choice))[0]
+    assert out.finish_reason == "stop" and out.text in ("yes", "no")
+
+
+def test_a_sampling_grammar_must_be_compiled(mt):
+    with pytest.raises(LoraError, match="grammar=.* compile the constraint with lora.structured.guide"):
+        Engine(mt).add_request([1, 2], None, SamplingParams(grammar=SCHEMA))
 
 
 def test_regex_choice_and_json_object_constrain_every_sampled_answer(tiny):
@@ -102,15 +145,9 @@ def test_regex_choice_and_json_object_constrain_every_sampled_answer(tiny):
     assert all(isinstance(json.loads(a), dict) for a, done in zip(answers, complete) if done)
 
 
-def test_a_constrained_row_decodes_the_same_alone_and_beside_free_rows_which_it_leaves_unchanged(tiny):
+def test_apply_masks_masks_only_the_constrained_rows(tiny):
     model, tokenizer = tiny
     grammar = compiled(tokenizer, {"guided_json": SCHEMA})
-    alone, _ = generate(model, tokenizer, [grammar.matcher()], max_tokens=60, temperature=0)
-    mixed, _ = generate(model, tokenizer, [None, grammar.matcher(), None], max_tokens=60, temperature=0)
-    free, _ = generate(model, tokenizer, [None], max_tokens=60, temperature=0)
-    assert mixed[1] == alone[0]
-    assert mixed[0] == mixed[2] == free[0] != alone[0]
-
     logits = torch.randn(3, model.config.vocab_size)
     masked = logits.clone()
     matcher = grammar.matcher()
@@ -230,12 +267,41 @@ def test_lora_eval_scores_json_validity_and_validity_against_the_tasks_schema():
         evaluate(mt, "t", records, "schema_valid", schema={"type": 5}, **kwargs)
 
 
-def test_a_response_schema_added_to_lora_task_json_reaches_the_task(tiny_llama, tmp_path):
+def test_a_response_schema_added_to_lora_task_json_constrains_the_tasks_answers_unless_a_request_says_otherwise(
+        tiny_llama, tmp_path, capsys):
     make_adapter(tiny_llama, tmp_path / "t", ["q_proj"], seed=0)
     task_file = tmp_path / "t" / "lora_task.json"
     task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": SCHEMA}))
     mt = lora.MultiTaskModel(tiny_llama, {"t": str(tmp_path / "t")})
-    assert request_constraint({}, mt.task_meta("t").get("response_schema")).schema == SCHEMA
+    assert mt.response_schema("t") == SCHEMA and mt.response_schema(None) is None
+    asks = [{"downstream": "t", "instruction": f"Describe the {thing}.", "temperature": 1.0, "seed": seed,
+             "max_new_tokens": 60} for seed, thing in enumerate(["tiger", "lamp", "piano", "cloud"])]
+    for answer in mt.generate_responses(asks):
+        jsonschema.validate(json.loads(answer), SCHEMA)
+    free = mt.generate_responses([{**a, "response_format": {"type": "text"}} for a in asks])
+    assert not any(json_valid(a) for a in free)  # a random model's free answers are not JSON
+    assert set(mt.generate_responses([{**a, "guided_choice": ["yes", "no"]} for a in asks])) <= {"yes", "no"}
+    regex = mt.generate_responses([{**a, "downstream": None, "guided_regex": "[ab]{4}"} for a in asks])
+    assert all(re.fullmatch("[ab]{4}", a) for a in regex)
+    with pytest.raises(LoraError, match="guided_json: the JSON schema cannot be compiled"):
+        mt.generate_responses([{**asks[0], "guided_json": {"type": "strnig"}}])
+    with pytest.raises(LoraError, match="unknown generation setting 'guided_xml'"):
+        mt.generate_responses([{**asks[0], "guided_xml": "<a/>"}])
+
+    # lora eval: with the schema (as served) and without
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"instruction": f"Describe the {thing}.", "input": "",
+                                 "output": '{"color": "red", "n": 3, "ok": true}'} for thing in ("tiger", "lamp")]))
+    mapper = tmp_path / "mapper.json"
+    mapper.write_text(json.dumps({"t": str(tmp_path / "t")}))
+    common = ["eval", "--model", tiny_llama, "--mapper", str(mapper), "--task", "t", "--test_data_path", str(test),
+              "--metric", "schema_valid", "--device", "cpu", "--max_new_tokens", "60"]
+    assert main(common) == 0
+    assert "schema_valid 1.000 on 2 examples" in capsys.readouterr().out
+    assert main([*common, "--no-constrained", "--output", str(tmp_path / "free.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "schema_valid 0.000 on 2 examples" in printed and "without its response_schema" in printed
+    assert json.loads((tmp_path / "free.json").read_text())["constrained"] is False
 
     task_file.write_text(json.dumps({**json.loads(task_file.read_text()), "response_schema": {"type": "strnig"}}))
     with pytest.raises(LoraError, match="lora_task.json: response_schema: the JSON schema cannot be compiled"):

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoraError
+from ..logprobs import TokenLogprobs
 from ..models import context_length
 from .kv_cache import SlotCache, kv_bytes_per_token
 from .output import OutputProcessor, eos_ids
@@ -162,7 +163,9 @@ class Engine:
                     self.step()
                 else:
                     request.done.wait()
-        return [dataclasses.replace(r.output, delta=r.output.text, new_token_ids=list(r.tokens))
+        return [dataclasses.replace(r.output, delta=r.output.text, new_token_ids=list(r.tokens),
+                                    logprobs=None if r.sampling.logprobs is None else list(r.logprobs),
+                                    prompt_logprobs=None if r.sampling.prompt_logprobs is None else r.prompt_logprobs)
                 for r in requests if r.output is not None]
 
     def stats(self) -> dict[str, Any]:
@@ -206,9 +209,13 @@ class Engine:
             if isinstance(result, BaseException):
                 self.cache.scrub(request)
                 self._finish(request, "error", result)
-            else:
+                continue
+            request.prompt_logprobs += result.prompt_logprobs
+            if result.token is not None:
                 self.counters["generation_tokens_total"] += 1
-                self._append(request, result)
+                self._append(request, result.token, result.logprobs)
+            elif request.decoding:  # max_tokens 0: its prompt's log-probabilities were all it asked for
+                self._finish(request, "length")
         with self._cond:
             self.scheduler.release()
         return True
@@ -231,8 +238,9 @@ class Engine:
                             f"{len(prompt) + sampling.max_tokens} ({len(prompt)} in the prompt, "
                             f"{sampling.max_tokens} to generate): shorten the prompt or lower max_tokens")
         generator = None if sampling.seed is None else seed_generator(sampling.seed, self.tasks.device)
+        matcher = None if sampling.grammar is None else sampling.grammar.matcher()
         return Request(request_id or f"req-{next(_ids)}", prompt.astype(np.int32), spec, sampling, on_output,
-                       generator)
+                       generator, matcher)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -270,9 +278,19 @@ class Engine:
                 self._finish(request, "error", LoraError(f"task {gone!r} was unloaded"))
         self.scheduler.release()
 
-    def _append(self, request: Request, token: int) -> None:
+    def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        if request.matcher is not None:
+            try:
+                request.matcher.advance(token)
+            except LoraError as e:  # only a token sampled without its mask can break the grammar: it alone fails
+                self._finish(request, "error", e)
+                return
+        if logprobs is not None:
+            request.logprobs.append(logprobs)
         try:
             output = self.outputs.append(request, token)
+            if not output.finished and request.matcher is not None and request.matcher.is_finished():
+                output = self.outputs.finish(request, "stop", [token])  # the grammar's answer is complete
         except Exception as e:  # noqa: BLE001 - detokenizing this answer failed: it alone fails
             output = self.outputs.fail(request, "error", LoraError(f"decoding the answer failed: {e}"))
         self._emit(request, output)

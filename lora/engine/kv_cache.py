@@ -46,7 +46,7 @@ class SlotCache:
             return False
         self._free.sort()
         best, hit = self._free[0], 0
-        for slot in self._free:
+        for slot in [] if request.echo else self._free:  # echo needs every prompt position's logits: no reuse
             spec, tokens = self._held.get(slot, (None, None))
             if tokens is not None and spec == request.spec:
                 n = min(len(tokens), len(request.prompt))

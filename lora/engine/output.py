@@ -82,8 +82,12 @@ class OutputProcessor:
     @staticmethod
     def _output(request: Request, delta: str, new_token_ids: list[int], reason: str | None = None,
                 error: BaseException | None = None) -> Output:
-        request.output = Output(request.request_id, request.text[:request.sent], delta, new_token_ids,
-                                len(request.tokens), len(request.prompt), reason is not None, reason, error)
+        s, n = request.sampling, len(request.tokens)
+        logprobs = request.logprobs[n - len(new_token_ids):n] if s.logprobs is not None else None
+        first = request.output is None
+        prompt_logprobs = request.prompt_logprobs if first and s.prompt_logprobs is not None else None
+        request.output = Output(request.request_id, request.text[:request.sent], delta, new_token_ids, n,
+                                len(request.prompt), reason is not None, reason, error, logprobs, prompt_logprobs)
         if reason is not None:
             request.done.set()
         return request.output

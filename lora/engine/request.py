@@ -10,11 +10,14 @@ import numpy as np
 import torch
 
 from ..errors import LoraError
+from ..logprobs import TokenLogprobs
+from ..structured import Grammar, Matcher
 
 Spec = tuple[tuple[str, float], ...] | None  # the tasks object's normalize() form: None (base) or ((task, weight), ...)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256  # each stop string; the check runs on every new piece of text, so both are bounded
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs limit)
 
 
 class QueueFull(LoraError):
@@ -39,7 +42,14 @@ def _is_number(value: object) -> bool:
 
 @dataclass
 class SamplingParams:
-    """How one request decodes. temperature 0 is greedy; top_k 0 (or vLLM's -1) and top_p 1 are off."""
+    """How one request decodes. temperature 0 is greedy; top_k 0 (or vLLM's -1) and top_p 1 are off.
+
+    grammar: a compiled constraint (lora.structured: guide(tokenizer).compile(...), done by the caller, never on
+    the engine thread); each step masks the request's row with it, and the answer ends ("stop") when it is complete.
+    logprobs: the sampled tokens' log-probabilities and this many alternatives each (0-20; None: none).
+    prompt_logprobs: the prompt tokens' log-probabilities and this many alternatives (echo); with it, max_tokens
+    may be 0 (the prompt's likelihood alone). Such a request computes its whole prompt (no prefix reuse).
+    """
     max_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
@@ -48,14 +58,24 @@ class SamplingParams:
     stop: tuple[str, ...] | list[str] | str = ()
     ignore_eos: bool = False
     seed: int | None = None
+    grammar: Grammar | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def check(self) -> SamplingParams:
         """Refuse values out of range (LoraError naming the field and the fix); normalise stop and top_k."""
         def refuse(name: str, fix: str) -> LoraError:
             return LoraError(f"sampling parameter {name}={getattr(self, name)!r} is out of range: {fix}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise refuse("max_tokens", "use an integer of at least 1")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise refuse(name, f"use an integer from 0 to {MAX_LOGPROBS}, or leave it unset")
+        if not _is_int(self.max_tokens) or self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise refuse("max_tokens", "use an integer of at least 1 (0 only with prompt_logprobs: the prompt's "
+                                       "log-probabilities alone)")
+        if self.grammar is not None and not isinstance(self.grammar, Grammar):
+            raise refuse("grammar", "compile the constraint with lora.structured.guide(tokenizer).compile(...)")
         if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise refuse("temperature", "use a finite number >= 0 (0 is greedy)")
         if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
@@ -94,6 +114,8 @@ class Output:
     finished: bool
     finish_reason: str | None = None  # one of FINISH_REASONS once finished
     error: BaseException | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new_token_ids, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs] | None = None  # one per prompt token, on the first Output, when asked
 
 
 @dataclass(eq=False)
@@ -105,6 +127,7 @@ class Request:
     sampling: SamplingParams
     on_output: Callable[[Output], None] | None = None
     generator: torch.Generator | None = None  # its own random stream when it has a seed
+    matcher: Matcher | None = None  # its place in its grammar, when it has one
     arrival: int = 0  # the scheduler step at which it was queued (aging)
     slot: int = -1  # its place in the KV cache while running
     computed: int = 0  # prompt tokens whose K/V are in the cache
@@ -113,6 +136,8 @@ class Request:
     sent: int = 0  # characters of text already handed out
     prefix_offset: int = 0  # incremental detokenizer: tokens[prefix_offset:read_offset] were decoded last time
     read_offset: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked for
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # filled chunk by chunk, when asked for
     output: Output | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -124,6 +149,11 @@ class Request:
     def decoding(self) -> bool:
         """Its prompt is in the cache: it takes one token per step."""
         return self.computed == len(self.prompt)
+
+    @property
+    def echo(self) -> bool:
+        """It wants its prompt's log-probabilities: every prompt position's logits are kept."""
+        return self.sampling.prompt_logprobs is not None
 
     @property
     def task_names(self) -> list[str]:

@@ -1,7 +1,9 @@
 """The model runner: a step's inputs, the task policy, one forward, and the sampled rows' next tokens.
 
 Inputs are laid out on the host in one persistent buffer (pinned on a GPU) and copied to the device in one
-copy; the only device-to-host transfer of a step is its sampled tokens (with a finite-logits flag per row).
+copy; the only device-to-host transfer of a step is its sampled tokens (with a finite-logits flag per row),
+plus the log-probabilities in steps where a request asked for them. Constrained rows are masked by their
+grammars (built on the host) before sampling; log-probabilities are taken after the mask, before sampling.
 Tasks: when every request of a step uses one task it runs on that task's merged weights, at base-model
 speed; otherwise on the base weights plus each token's own task's low-rank update (S-LoRA / Punica style,
 `tasks.mix`). Going back to merged waits for `merge_after` steps of one task, so a stream of mixed
@@ -14,13 +16,15 @@ import contextlib
 import math
 import threading
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ..errors import LoraError
+from ..logprobs import TokenLogprobs, token_logprobs
+from ..structured import apply_masks
 from . import sampler
 from .attention import ATTENTION, ChunkRows, SlotAttention
 from .compiled import IDS, KEEP, LENGTH, POSITION, SLOT, TASK, CompiledDecode
@@ -82,9 +86,28 @@ class Layout:
     n: int  # rows in all
     hi: int  # decode rows attend over slots [0, hi)
     reach: int  # the cache positions the step reaches
+    echo: list[Echo] = field(default_factory=list)  # prompt rows whose logits are kept too, after the sampled ones
+    kept: int = 0  # logits rows kept in all
 
 
-StepResult = dict[Request, "int | BaseException"]  # each sampled request's token, each failed request's error
+@dataclass
+class Echo:
+    """A chunk's prompt positions [start, end) whose logits score the prompt's next tokens (prompt logprobs)."""
+    request: Request
+    start: int
+    end: int
+    row: int  # the input buffer's row of position start
+
+
+@dataclass
+class Sampled:
+    """What a step gives one request: its next token (None: none this step), and the log-probabilities asked for."""
+    token: int | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+StepResult = dict[Request, "Sampled | BaseException"]  # each sampled or echoed request's result, or its error
 
 
 class ModelRunner:
@@ -152,10 +175,16 @@ class ModelRunner:
             causal = torch.arange(c.end, device=self.device)[None, :] <= torch.arange(c.start, c.end,
                                                                                        device=self.device)[:, None]
             layout.chunks.append(ChunkRows(layout.n, end, c.request.slot, c.end, causal))
-            if c.end == len(c.request.prompt):
+            if c.end == len(c.request.prompt) and c.request.sampling.max_tokens > 0:
                 rows[KEEP, len(layout.sampled)] = end - 1
                 layout.sampled.append(c.request)
+            if c.request.echo:  # positions up to the prompt's last but one predict a prompt token
+                layout.echo.append(Echo(c.request, c.start, min(c.end, len(c.request.prompt) - 1), layout.n))
             layout.n, layout.reach = end, max(layout.reach, c.end)
+        layout.kept = len(layout.sampled)
+        for e in layout.echo:
+            rows[KEEP, layout.kept:layout.kept + e.end - e.start] = np.arange(e.row, e.row + e.end - e.start)
+            layout.kept += e.end - e.start
         return layout
 
     @torch.no_grad()
@@ -166,7 +195,7 @@ class ModelRunner:
         with self.tasks.lock:
             mixed = self._policy(layout.decode + [c.request for c in plan.chunks], [1] * len(layout.decode) +
                                  [c.end - c.start for c in plan.chunks])
-            width = max(n, hi, len(sampled))
+            width = max(n, hi, layout.kept)
             if self._device is not self._host:
                 self._device[:, :width].copy_(self._host[:, :width], non_blocking=True)
             inputs = self._device
@@ -188,16 +217,57 @@ class ModelRunner:
             with context:
                 logits = forward(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
                                  attention_mask=self._no_mask, use_cache=False,
-                                 logits_to_keep=inputs[KEEP, :len(sampled)], lora_step=attention).logits[0].float()
-        if not sampled:
+                                 logits_to_keep=inputs[KEEP, :layout.kept], lora_step=attention).logits[0].float()
+        if not layout.kept:
             return {}
         finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
         logits = torch.where(finite[:, None], logits, 0.0)  # the sampler never sees inf or NaN
+        rows = logits[:len(sampled)]
+        failed = set(apply_masks(rows, [r.matcher for r in sampled]))  # constrained rows only; free rows untouched
+        asked = [i for i, r in enumerate(sampled) if r.sampling.logprobs is not None]
+        scored = rows[asked]  # a copy, after the mask: the sampler bans eos in place
         batch = self._params.batch([r.sampling for r in sampled],
                                    [len(r.tokens) < r.sampling.min_tokens for r in sampled],
                                    [r.generator for r in sampled], self.eos, logits.shape[-1])
-        tokens, ok = torch.stack([sampler.sample(logits, batch), finite.long()]).tolist()  # the step's one sync
-        return {r: t if good else non_finite(r, self.tasks.dtype) for r, t, good in zip(sampled, tokens, ok)}
+        flat = torch.cat([sampler.sample(rows, batch), finite.long()]).tolist()  # the step's one sync
+        tokens, ok = flat[:len(sampled)], flat[len(sampled):]
+        results: dict[Request, Sampled] = {r: Sampled(t) for r, t in zip(sampled, tokens)}
+        if asked:  # a further transfer only in steps where someone asked for logprobs
+            tops = [sampled[i].sampling.logprobs or 0 for i in asked]
+            entries = token_logprobs(scored, [tokens[i] for i in asked], tops)
+            for i, entry in zip(asked, entries):
+                results[sampled[i]].logprobs = entry
+        self._prompt_logprobs(layout, logits[len(sampled):], results)
+        out: StepResult = dict(results)
+        for i, r in enumerate(sampled):
+            if i in failed:
+                out[r] = LoraError(f"the request's grammar failed ({r.matcher.error if r.matcher else ''}); "
+                                   "simplify its schema, regex or grammar")
+        at = len(sampled)
+        for e in layout.echo:
+            if not all(ok[at:at + e.end - e.start]):
+                out[e.request] = non_finite(e.request, self.tasks.dtype)
+            at += e.end - e.start
+        for r, good in zip(sampled, ok):
+            if not good:
+                out[r] = non_finite(r, self.tasks.dtype)
+        return out
+
+    @staticmethod
+    def _prompt_logprobs(layout: Layout, logits: torch.Tensor, results: dict[Request, Sampled]) -> None:
+        """Each echoed chunk's prompt logprobs, from its rows of `logits` (kept after the sampled rows)."""
+        if not layout.echo:
+            return
+        targets = [int(t) for e in layout.echo for t in e.request.prompt[e.start + 1:e.end + 1]]
+        tops = [e.request.sampling.prompt_logprobs or 0 for e in layout.echo for _ in range(e.end - e.start)]
+        entries = token_logprobs(logits, targets, tops) if targets else []
+        at = 0
+        for e in layout.echo:
+            result = results.setdefault(e.request, Sampled())
+            if e.start == 0:  # nothing predicts the first prompt token
+                result.prompt_logprobs.append(TokenLogprobs(int(e.request.prompt[0]), None))
+            result.prompt_logprobs.extend(entries[at:at + e.end - e.start])
+            at += e.end - e.start
 
     def forget_tasks(self) -> None:
         """Drop the mixed updates built for the current tasks (one may have been registered again)."""

@@ -1,10 +1,10 @@
 """The batched sampler: one step's next tokens from their logits, every row with its own settings, one draw.
 
-It cannot produce NaN or Inf and never raises on values: logits are float32, temperatures under 1e-5 are
-greedy (vLLM's epsilon), top-k is clamped to the vocabulary, top-p always keeps the most likely token,
-and a token is drawn as argmax(p / q) with q ~ Exp(1) (the Gumbel-max trick vLLM uses), which needs no
-normalised distribution. A request with a seed draws its q from its own generator, so its answer is the
-same alone or batched with any neighbours.
+It cannot produce NaN or Inf and never raises on values: logits are float32 (a grammar's mask leaves each
+row at least one finite token), temperatures under 1e-5 are greedy (vLLM's epsilon), top-k is clamped to
+the vocabulary, top-p always keeps the most likely token, and a token is drawn as argmax(p / q) with
+q ~ Exp(1) (the Gumbel-max trick vLLM uses), which needs no normalised distribution. A request with a seed
+draws its q from its own generator, so its answer is the same alone or batched with any neighbours.
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.any_ban:
         eos = logits[:, batch.eos]
         logits[:, batch.eos] = eos.masked_fill(batch.ban_eos[:, None], -math.inf)
+        # a grammar that allows nothing but eos here ends the answer, min_tokens or not: such a row keeps its eos
+        empty = ~(logits > -math.inf).any(-1, keepdim=True)
+        logits[:, batch.eos] = torch.where(empty, eos, logits[:, batch.eos])
     greedy = logits.argmax(-1)
     if batch.all_greedy:
         return greedy

@@ -48,8 +48,10 @@ class StepPlan:
 
     @property
     def sampled(self) -> list[Request]:
-        """The requests that get a token from this step, in row order: decoders, then finished prompts."""
-        return self.decode + [c.request for c in self.chunks if c.end == len(c.request.prompt)]
+        """The requests that get a token from this step, in row order: decoders, then finished prompts (but those
+        asking for none, max_tokens 0: their prompt's logprobs are all they want)."""
+        return self.decode + [c.request for c in self.chunks
+                              if c.end == len(c.request.prompt) and c.request.sampling.max_tokens > 0]
 
     @property
     def specs(self) -> set[Spec]:

@@ -15,6 +15,7 @@ from fastapi import Request
 
 from ..engine import EngineDead, Output, QueueFull, SamplingParams
 from ..errors import LoraError
+from ..logprobs import TokenLogprobs
 from .metrics import Metrics
 from .models import ServedModels
 from .protocol import APIError
@@ -64,6 +65,8 @@ class Job:
         self.request_ids: list[str] = []
         self.prompt_tokens = 0
         self.last: dict[int, Output] = {}
+        self.logprobs: dict[int, list[TokenLogprobs]] = {}  # each choice's tokens' logprobs so far, when asked
+        self.prompt_logprobs: dict[int, list[TokenLogprobs]] = {}  # each choice's prompt logprobs, when asked
         self.token_times: dict[int, TokenTime] = {}
 
     def submit(self, ids: list[int], sampling: list[SamplingParams]) -> None:
@@ -90,6 +93,10 @@ class Job:
             index, out = await self.queue.get()
             self._observe(index, out)
             self.last[index] = out
+            if out.logprobs is not None:
+                self.logprobs.setdefault(index, []).extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                self.prompt_logprobs[index] = out.prompt_logprobs
             if out.finished:
                 remaining -= 1
                 if out.finish_reason == "error":

@@ -18,8 +18,9 @@ async def generate(serving: Serving, body: GenerateRequest, request: Request) ->
     serving.limits.check_text_length(chars, "instruction")
     (ids,) = await serving.prompts(task, [{"instruction": body.instruction, "input": body.input}], chars=chars)
     body.instruction = body.input = ""  # a waiting request holds its token ids, not its text
+    grammar = await serving.grammar(task, body)
     job = serving.submit(task, [ids], body, arrived, max_tokens=body.max_new_tokens,
-                         default_max_tokens=DEFAULT_MAX_TOKENS, param="max_new_tokens")
+                         default_max_tokens=DEFAULT_MAX_TOKENS, param="max_new_tokens", extra={"grammar": grammar})
     del ids
     (out,) = await job.wait(request)
     return {"downstream": body.downstream, "response": out.text.strip(), "finish_reason": out.finish_reason,

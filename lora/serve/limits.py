@@ -1,6 +1,7 @@
 """The server's request limits, in one place: prompts x n, text and turn counts, token budgets, sampling."""
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from ..engine import SamplingParams
 from ..errors import LoraError
@@ -64,22 +65,25 @@ class Limits:
                            param=param if requested is not None else "prompt", code="context_length_exceeded")
         return max_tokens
 
-    def sampling(self, body: Sampling, max_tokens: int, param: str = "max_tokens") -> SamplingParams:
-        """The body's sampling fields as the engine's SamplingParams, checked by the engine's one validator."""
+    def sampling(self, body: Sampling, max_tokens: int, param: str = "max_tokens",
+                 extra: dict[str, Any] | None = None) -> SamplingParams:
+        """The body's sampling fields as the engine's SamplingParams, checked by the engine's one validator;
+        `extra`: the SamplingParams fields an endpoint sets itself (grammar, logprobs, prompt_logprobs)."""
         params = SamplingParams(
             max_tokens=max_tokens, temperature=0.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=0 if body.top_k is None else body.top_k,
-            min_tokens=body.min_tokens, stop=body.stop or (), ignore_eos=body.ignore_eos, seed=body.seed)
+            min_tokens=body.min_tokens, stop=body.stop or (), ignore_eos=body.ignore_eos, seed=body.seed,
+            **(extra or {}))
         try:
             return params.check()
         except LoraError as e:
             message = str(e).replace("max_tokens", param) if param != "max_tokens" else str(e)
             raise APIError(400, message, code="invalid_sampling_params") from None
 
-    def precheck(self, body: Sampling, requested: int | None, param: str) -> None:
+    def precheck(self, body: Sampling, requested: int | None, param: str, extra: dict[str, Any] | None = None) -> None:
         """Sampling checked before any tokenizing, with the budget the request may get at most."""
         self.check_max_tokens(requested, param)
-        self.sampling(body, self.max_tokens_cap if requested is None else requested, param)
+        self.sampling(body, self.max_tokens_cap if requested is None else requested, param, extra)
 
 
 def seeded(params: SamplingParams, sample: int) -> SamplingParams:

@@ -13,18 +13,19 @@ INT64 = (-(1 << 63), (1 << 63) - 1)
 UNION_TAGS = {"str", "int", "float", "bool", "none"}
 # Field -> the values that ask for nothing (then it is accepted and ignored); any other value gets a 400.
 NOT_IMPLEMENTED: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "best_of": (None, 1),
     "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}), "suffix": (None, ""), "prediction": (None,), "audio": (None,),
+    "suffix": (None, ""), "prediction": (None,), "audio": (None,),
     "modalities": (None, ["text"]),
     # vLLM's sampling extras that change the output
     "repetition_penalty": (None, 1, 1.0), "length_penalty": (None, 1, 1.0), "min_p": (None, 0, 0.0),
     "use_beam_search": (None, False), "prompt_logprobs": (None,), "include_stop_str_in_output": (None, False),
     "bad_words": (None, []), "allowed_token_ids": (None,), "truncate_prompt_tokens": (None,),
-    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "structured_outputs": (None,),
 }
+# the fields that constrain an answer (lora.structured.request_constraint reads them)
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs")
 
 
 class APIError(Exception):
@@ -99,6 +100,17 @@ class Sampling(Body):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs (one at most)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+    def constraint_fields(self) -> dict[str, Any]:
+        """The structured-output fields the request gives."""
+        return {name: getattr(self, name) for name in CONSTRAINT_FIELDS if getattr(self, name) is not None}
 
 
 class OpenAISampling(Sampling):
@@ -110,7 +122,9 @@ class OpenAISampling(Sampling):
 
 class CompletionRequest(OpenAISampling):
     model: str
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids, one prompt or several
+    logprobs: int | None = None  # the sampled tokens' logprobs and this many alternatives
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs, if asked)
 
 
 class ContentPart(Body):
@@ -132,6 +146,8 @@ class ChatRequest(OpenAISampling):
     model: str
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None  # the newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token, with logprobs
 
 
 class GenerateRequest(Sampling):

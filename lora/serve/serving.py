@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import LoraError
 from ..prompts import prompt_ids
+from ..structured import Grammar, guide, request_constraint
 from .engine_client import Job, dead_error, engine_error
 from .limits import Limits, seeded
 from .metrics import Metrics
@@ -41,6 +42,9 @@ class Serving:
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prompts")
         self._long_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-long-prompts")
         self._local = threading.local()
+        # binding the tokenizer to llguidance takes about a second: done now, off the event loop, so neither the
+        # first structured request nor the first logprobs shaped (token bytes) waits for it
+        self._pool.submit(guide, tokenizer)
 
     def close(self) -> None:
         for pool in (self._pool, self._long_pool):
@@ -79,13 +83,31 @@ class Serving:
         self.check_alive()
         return await self.off_loop(lambda: [self._prompt_ids(task, how) for how in hows], chars=chars)
 
+    async def grammar(self, task: str | None, body: Sampling) -> Grammar | None:
+        """The request's structured-output constraint (else the task's response_schema) compiled in a worker
+        thread (cached per schema); None when unconstrained. 400 naming the field when it cannot be compiled."""
+        fields = body.constraint_fields()
+        param = next(iter(fields), None)
+        try:
+            schema = None if task is None else self.mt.response_schema(task)
+        except LoraError as e:  # unloaded meanwhile
+            raise engine_error(self.models, task, e, status=400) from None
+        try:
+            constraint = request_constraint(fields, schema)
+            if constraint is None:
+                return None
+            return await self.off_loop(lambda: guide(self.mt.tokenizer).compile(constraint))
+        except LoraError as e:
+            raise APIError(400, str(e), param=param, code="invalid_structured_output") from None
+
     def submit(self, task: str | None, prompts: list[list[int]], body: Sampling, arrived: float, *, n: int = 1,
                max_tokens: int | None = None, default_max_tokens: int | None = None,
-               param: str = "max_tokens") -> Job:
-        """A Job running every prompt (token ids) n times with the body's sampling fields."""
+               param: str = "max_tokens", extra: dict[str, Any] | None = None) -> Job:
+        """A Job running every prompt (token ids) n times with the body's sampling fields (and `extra`
+        SamplingParams fields: grammar, logprobs, prompt_logprobs)."""
         self.check_alive()
         sampling = [self.limits.sampling(body, self.limits.max_tokens_for(max_tokens, len(ids), default_max_tokens,
-                                                                          param), param) for ids in prompts]
+                                                                          param), param, extra) for ids in prompts]
         job = Job(self.engine, self.models, self.metrics, task, arrived)
         for ids, params in zip(prompts, sampling):  # checked them all first: nothing runs for a refused request
             job.submit(ids, [seeded(params, j) for j in range(n)])
