@@ -8,6 +8,10 @@ never recompiling on the serving thread). Prompt chunks and mixed-task steps (wh
 forward hooks) stay eager. If compiling fails the engine logs why and stays eager.
 Parameters are inputs of the compiled graph, not constants (no inductor freezing), so switching a task's
 merged weights in never needs a recompile.
+The warm-up traces the forward under the tasks' lock, as the runner runs its steps: a mixed step (of this
+engine or another over the same model) attaches its forward hooks for the length of its forward, and a trace
+that saw them would take them in (or fail on their shapes). The lock is let go while the traced graph is
+compiled to code (inductor's minutes), which reads the graph alone, so serving waits on tracing only.
 """
 from __future__ import annotations
 
@@ -54,12 +58,14 @@ def decode_step(cache: SlotCache, inputs: torch.Tensor, slots: list[int], length
 class CompiledDecode:
     """torch.compile of `model.forward`, warmed up on decode steps in a background thread until `ready`."""
 
-    def __init__(self, model: Any, cache: SlotCache, inputs: torch.Tensor, backend: str = "inductor") -> None:
-        self.forward = torch.compile(model.forward, dynamic=True, backend=backend)
+    def __init__(self, model: Any, cache: SlotCache, inputs: torch.Tensor, lock: threading.RLock,
+                 backend: str = "inductor") -> None:
+        self._compile_graph = torch._dynamo.lookup_backend(backend)
+        self.forward = torch.compile(model.forward, dynamic=True, backend=self._traced)
         self.steps = 0  # steps run compiled
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self._model, self._cache, self._inputs = model, cache, torch.empty_like(inputs)
+        self._model, self._cache, self._inputs, self._lock = model, cache, torch.empty_like(inputs), lock
         self._thread = threading.Thread(target=self._warm_up, name="lora-compile", daemon=True)
         self._thread.start()
 
@@ -74,6 +80,16 @@ class CompiledDecode:
         self._thread.join(timeout)
         return self.ready.is_set()
 
+    def _traced(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        """The backend: compile a graph traced by the warm-up with the tasks' lock let go (see the module doc)."""
+        if threading.current_thread() is not self._thread:
+            return self._compile_graph(graph, example_inputs)
+        self._lock.release()
+        try:
+            return self._compile_graph(graph, example_inputs)
+        finally:
+            self._lock.acquire()
+
     def _warm_up(self) -> None:
         """Compile for every kind of decode step, so that serving never waits on a recompile: one sequence (the
         compiler specialises size 1) in slot 0 or another, several in slots 0..n-1 or with idle slots between
@@ -86,10 +102,12 @@ class CompiledDecode:
         try:
             with torch.no_grad():
                 scratch.reach(8)
-                self._model(**decode_step(scratch, self._inputs, [0], 1))  # eager: fills the scratch cache's layers
+                with self._lock:  # eager: fills the scratch cache's layers
+                    self._model(**decode_step(scratch, self._inputs, [0], 1))
                 for slots, length in kinds:
                     if max(slots) < scratch.slots:
-                        self.forward(**decode_step(scratch, self._inputs, slots, length))
+                        with self._lock:  # no other step's hooks on the model while tracing
+                            self.forward(**decode_step(scratch, self._inputs, slots, length))
         except Exception as e:  # noqa: BLE001 - the eager step still serves; say why it stays
             self.error = e
             log.warning("compiling the decode step failed, steps stay eager: %s: %s", type(e).__name__, e)

@@ -131,7 +131,7 @@ class ModelRunner:
         self._mixed: MixedTasks | None = None
         self._merged_steps = 0
         self._spec: Spec = None
-        self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device,
+        self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device, tasks.lock,
                                                                     compile_backend)
 
     def execute(self, plan: StepPlan) -> StepResult:
