@@ -50,7 +50,7 @@ import lora
 from lora.engine import Engine, SamplingParams
 from lora.models import load_tokenizer, resolve_device, resolve_dtype
 
-# Per shape: the model, the adapters and the workload. llama-1b is issue 11's GPU workload.
+# Per shape: the model, the adapters and the workload. llama-1b is the GPU workload (a 1B-shaped Llama).
 SHAPES = {
     None: dict(targets=["q_proj", "v_proj"], r=8, dtype="float32", requests=48, max_new_tokens=16, batch_size=16,
                alone=16),
@@ -153,7 +153,7 @@ def make_adapters(folder):
 def workloads(names):
     """{label: requests in arrival order}; both workloads have the same prompts, only their tasks differ."""
     rng = random.Random(args.seed)
-    if args.shape:  # prompts of 4-24 random words, as issue 11's workload
+    if args.shape:  # prompts of 4-24 random words, as the GPU workload's
         prompts = [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(4, 24)))} for _ in range(args.requests)]
     else:
         prompts = [{"instruction": INSTRUCTIONS[i % len(INSTRUCTIONS)],

@@ -1,4 +1,4 @@
-"""Single-stream decode speed of the engine, eager vs its compiled decode step (issue 16, item 2), same tokens.
+"""Single-stream decode speed of the engine, eager vs its compiled decode step, same tokens.
 
     .venv/bin/python bench/compiled.py                    # SmolLM2-135M, float32, 1 thread, 100-token prompt, 64 tokens
     .venv/bin/python bench/compiled.py --threads 2        # wall time with both cores, on an idle machine

@@ -1,4 +1,4 @@
-"""The cost of one mixed-task step with 1, 8, 32 and 64 distinct tasks among the same tokens (issue 16, item 4).
+"""The cost of one mixed-task step with 1, 8, 32 and 64 distinct tasks among the same tokens.
 
     .venv/bin/python bench/mixed.py                       # SmolLM2-135M, 64 decode rows, float32, 1 thread
     .venv/bin/python bench/mixed.py --shape llama-1b      # a 1B-shaped Llama, random weights, rank 16 on all linears

@@ -6,7 +6,7 @@
 Both runs keep `--batch` requests decoding (a finished one is replaced at once) on the extraction prompt, and
 step in turn; the constrained run's requests follow extraction's schema (examples/extraction/schema.json), so each of its steps
 also builds the masks on the host, masks the rows and advances the matchers. Prefill steps are not counted.
-The difference of the median decode step times is what constraining costs per step (issue 18: at most 5%);
+The difference of the median decode step times is what constraining costs per step (the goal: at most 5%);
 on a machine whose cores are shared that difference is mostly noise, so the time spent in the constrained
 steps' own work (building and applying the masks, advancing the matchers) is also timed directly.
 """
