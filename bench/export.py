@@ -2,6 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python bench/export.py                      # demo adapters if trained, else random ones
     PYTHONPATH=. /work/llama-venv/bin/python bench/export.py --tokens 32 --prompts 4
+    PYTHONPATH=. /work/llama-venv/bin/python bench/export.py --score     # and each task's test-set score
 
 For each task: `lora export --format gguf-adapter`, then llama.cpp (llama-cpp-python, built from source) loads
 SmolLM2's packaged GGUF rewritten with every tensor in F32 (the very weights `lora.load_model` dequantizes)
@@ -29,6 +30,8 @@ import lora
 from bench.machine import cpu_model, load_average
 from lora.data import load_records
 from lora.engine import Engine, SamplingParams
+from lora.engine.output import eos_ids
+from lora.evaluate import METRICS, evaluate
 from lora.export.gguf_merged import dequantized, rewrite_gguf
 from lora.models import smollm2_gguf
 
@@ -113,6 +116,38 @@ def engine_tokens(mt, task, prompts, n):
     return answers, timing
 
 
+def llama_cpp_answers(base, adapter_gguf, prompts, budget, eos, threads):
+    """llama.cpp's greedy answers with the adapter, each ending at an end-of-sequence token or after `budget`."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=base, lora_path=adapter_gguf, n_ctx=1024, n_threads=threads, n_batch=512, verbose=False)
+    answers = []
+    for ids in prompts:
+        out = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            if int(token) in eos or len(out) == budget:
+                break
+            out.append(int(token))
+        answers.append(out)
+    del llm
+    return answers
+
+
+def scores(mt, task, base, adapter_gguf, threads):
+    """The task's test-set score through this engine (its free answers) and through llama.cpp, as `lora eval`
+    scores them; returns (metric, engine score, llama.cpp score, test examples)."""
+    records = load_records(os.path.join(ROOT, "examples", task, "test.json"))
+    metric = "rouge_l" if task == "summarization" else "exact_match"
+    ours = evaluate(mt, task, records, metric, constrained=False)
+    prompts = [mt.prompt_ids({"downstream": task, "instruction": r["instruction"], "input": r["input"]})
+               for r in records]
+    eos = set(eos_ids(mt.pretrained_model, mt.tokenizer))
+    theirs = llama_cpp_answers(base, adapter_gguf, prompts, ours["max_new_tokens"], eos, threads)
+    texts = [mt.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in theirs]
+    theirs_score = sum(METRICS[metric](t, r["output"]) for t, r in zip(texts, records)) / len(records)
+    return metric, ours["score"], theirs_score, len(records)
+
+
 def agreement(a, b):
     """How many leading tokens two answers share."""
     same = 0
@@ -130,6 +165,8 @@ def main():
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lora-bench-export"))
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--score", action="store_true",
+                   help="also score each task's whole test set through llama.cpp and through the engine")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
@@ -152,6 +189,10 @@ def main():
                "llama_cpp": {"tokens_per_s": their_time.tokens_per_s, "prompt_seconds": their_time.first_token_seconds},
                "adapter_gguf_bytes": os.path.getsize(adapter_gguf),
                "first_answer": {"engine": mt.tokenizer.decode(ours[0]), "llama_cpp": mt.tokenizer.decode(theirs[0])}}
+        if args.score:
+            metric, ours_score, theirs_score, n = scores(mt, task, base, adapter_gguf, args.threads)
+            row["score"] = {"metric": metric, "engine": ours_score, "llama_cpp": theirs_score, "examples": n}
+            print(f"{task:<20} {metric} on {n} test examples: engine {ours_score:.3f}, llama.cpp {theirs_score:.3f}")
         results.append(row)
         print(f"{task:<20} {row['identical']}/{row['prompts']} answers identical over {args.tokens} tokens "
               f"(shortest agreement {row['min_agreeing_tokens']}); decode: engine {our_time.tokens_per_s:.1f} tok/s, "
