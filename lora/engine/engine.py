@@ -172,11 +172,14 @@ class Engine:
         with self._cond:
             running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
         used = sum(len(r.prompt) + len(r.tokens) for r in running)
+        compiled = self.runner.compiled
         return {"running": len(running), "waiting": len(waiting), "kv_cache_usage": self.cache.usage(used),
                 **self.counters, "running_lora_adapters": sorted({n for r in running for n in r.task_names}),
                 "waiting_lora_adapters": sorted({n for r in waiting for n in r.task_names}),
                 "max_lora": self.max_loras, "prefix_cache_queries": self.cache.prefix_queries,
-                "prefix_cache_hits": self.cache.prefix_hits}
+                "prefix_cache_hits": self.cache.prefix_hits,
+                "compiled_decode": "off" if compiled is None else compiled.state,  # see engine.compiled
+                "compiled_steps_total": 0 if compiled is None else compiled.steps}
 
     # ------------------------------------------------------------------ one step
 

@@ -164,9 +164,8 @@ def loglikelihoods(results, task):
 def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_peft(url, ref, mapper, chat_llama,
                                                                                        tmp_path, capsys, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
-    import lm_eval.evaluator
     # Each run records the environment (pip list, nvidia-smi... in subprocesses: seconds); nothing here reads it.
-    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
+    monkeypatch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
     from lora.cli import main
     from lora.harness import custom_task, run_lm_eval, tokenizer_folder
 
