@@ -19,6 +19,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def pytest_collection_modifyitems(items):
+    """Long tests first: under pytest-xdist one left for the end would keep one worker busy while the others idle."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
+
+
 def make_records(n, seed=0, task="color"):
     """A small learnable task: a fixed mapping from thing to colour (or to its reversed name)."""
     rng = random.Random(seed)

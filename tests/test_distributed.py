@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import pytest
 import torch
 
 from lora.cli import main
@@ -28,6 +29,7 @@ def assert_same_run(a, b):
         assert abs(x[key] - y[key]) < 1e-5 * abs(x[key]), (x, y)
 
 
+@pytest.mark.long
 def test_two_gloo_processes_train_the_adapter_of_one_and_resume_with_one(tiny_llama, tmp_path, monkeypatch, capfd):
     # 42 examples, global batch 8: the last batch has 2 examples, so process 1 gets none of it and runs a
     # zero-weight micro-step to take part in the all-reduce; accumulation exercises no_sync.

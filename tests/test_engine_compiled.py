@@ -28,6 +28,7 @@ def answers_as_eager(mt, backend):  # noqa: F811
             assert compiled.stats()["compiled_steps_total"] >= steps + GREEDY.max_tokens - 1
 
 
+@pytest.mark.long
 def test_captured_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
     answers_as_eager(mt, "eager")  # torch.compile's graph capture, without inductor's minutes of code generation
 

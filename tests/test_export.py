@@ -125,6 +125,7 @@ def dequantized(tensor):
 
 
 @needs_smollm2
+@pytest.mark.long
 def test_qk_reordering_matches_the_default_models_own_gguf(tmp_path):
     """SmolLM2's GGUF attn_q/attn_k are its HF weights reordered; the exported q/k updates are reordered the same way."""
     folder = resolve_model_path("smollm2-135m")
@@ -159,6 +160,7 @@ def test_merged_folder_loads_in_plain_transformers_with_the_switchs_logits(tiny_
 
 
 @needs_smollm2
+@pytest.mark.long
 def test_gguf_merged_keeps_the_base_and_folds_the_task(tmp_path):
     adapter = random_adapter("smollm2-135m", tmp_path / "qv", [r"model\.layers\.1\.self_attn\.[qv]_proj"], r=4, alpha=8)
     out = lora.export_gguf_merged(adapter, tmp_path / "merged.gguf", outtype="f32")

@@ -82,6 +82,7 @@ def mt(tiny_llama, tmp_path_factory):
                                             "sum": make_adapter(tiny_llama, root / "sum", "all-linear", 1)})
 
 
+@pytest.mark.long
 def test_a_thousand_answers_sampled_at_temperature_1_through_the_engine_all_validate_against_the_schema(mt):
     grammar = compiled(mt.tokenizer, {"response_format": {"type": "json_schema",
                                                           "json_schema": {"name": "x", "schema": SCHEMA}}})

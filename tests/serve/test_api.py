@@ -5,6 +5,7 @@ import time
 
 import httpx
 import openai
+import pytest
 
 from lora.chat import render_chat
 from lora.multitask import MultiTaskModel
@@ -146,6 +147,7 @@ def test_metrics_in_prometheus_format(server, client):
         == count(before, "lora:request_success_total", task="reverse", finished_reason="length") + 1
 
 
+@pytest.mark.long
 def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
     """Concurrent clients share the engine's steps, tasks mixed, and each answer is the one it gets alone."""
     url = server[0]

@@ -61,6 +61,7 @@ def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "adapter_loading_disabled"
 
 
+@pytest.mark.long
 def test_sigterm_drains_with_health_503_then_exits(tmp_path, tiny_llama, adapters):
     """`lora serve` as a user starts it (the key from LORA_API_KEY): after SIGTERM the socket stays open,
     /health and new requests get 503, the requests in flight finish, then the process exits."""

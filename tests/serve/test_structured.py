@@ -161,6 +161,7 @@ def loglikelihoods(results, task):
     return [float(sample["resps"][0][0][0]) for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
+@pytest.mark.long
 def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_peft(url, ref, mapper, chat_llama,
                                                                                        tmp_path, capsys, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
