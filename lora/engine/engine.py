@@ -22,8 +22,8 @@ from ..errors import LoraError
 from ..logprobs import TokenLogprobs
 from ..models import context_length
 from .kv_cache import SlotCache, kv_bytes_per_token
-from .prefix_cache import PrefixCache
 from .output import OutputProcessor, eos_ids
+from .prefix_cache import PrefixCache
 from .request import EngineDead, Output, Request, SamplingParams
 from .runner import ModelRunner, Tasks
 from .sampler import seed_generator
@@ -75,14 +75,13 @@ class Engine:
         if slots < 1:
             raise LoraError(f"the KV cache budget of {kv_cache_bytes} bytes holds no sequence of {self.max_model_len} "
                             f"tokens ({per_slot} bytes); raise the budget or lower max_model_len")
-        prefix = None
-        if enable_prefix_caching:
-            block_bytes = block_size * kv_bytes_per_token(self.model.config, tasks.dtype)
-            if block_size < 1 or prefix_cache_bytes < block_bytes:
-                raise LoraError(f"the prefix cache of {prefix_cache_bytes} bytes holds no block of {block_size} tokens "
-                                f"({block_bytes} bytes); use a block_size of at least 1 and a larger prefix_cache_bytes, "
-                                "or turn prefix caching off")
-            prefix = PrefixCache(block_size, int(prefix_cache_bytes // block_bytes))
+        if block_size < 1:
+            raise LoraError(f"block_size must be at least 1, got {block_size}")
+        block_bytes = block_size * kv_bytes_per_token(self.model.config, tasks.dtype)
+        if enable_prefix_caching and prefix_cache_bytes < block_bytes:
+            raise LoraError(f"the prefix cache of {prefix_cache_bytes} bytes holds no block of {block_size} tokens "
+                            f"({block_bytes} bytes); raise prefix_cache_bytes, or turn prefix caching off")
+        prefix = PrefixCache(block_size, int(prefix_cache_bytes // block_bytes)) if enable_prefix_caching else None
         self.cache = SlotCache(slots, self.max_model_len, prefix)
         self.scheduler = Scheduler(self.cache, tasks.can_mix, max_num_seqs=slots, max_prefill_tokens=max_prefill_tokens,
                                    max_waiting=max_waiting, max_waiting_tokens=max_waiting_tokens, mode=mode,

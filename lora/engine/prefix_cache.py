@@ -32,7 +32,7 @@ Layers = dict[int, tuple[torch.Tensor, torch.Tensor]]  # the slot cache's K and 
 class Block(NamedTuple):
     """A cached block: its id (never reused) and its place in the pool."""
     id: int
-    index: int
+    place: int
 
 
 @dataclass
@@ -79,7 +79,7 @@ class PrefixCache:
             return
         end = len(blocks) * self.block_size
         for layer, (k, v) in layers.items():
-            index = torch.tensor([b.index for b in blocks], device=k.device)
+            index = torch.tensor([b.place for b in blocks], device=k.device)
             pool = self.pool[layer][:, index]  # (2, blocks, kv heads, block_size, head dim)
             kv = pool.permute(0, 2, 1, 3, 4).reshape(2, k.shape[1], end, k.shape[3])
             k[slot, :, :end] = kv[0]
@@ -97,9 +97,9 @@ class PrefixCache:
                 if not self._free:
                     if next(iter(self._blocks.values())).id in chain.ids:
                         break  # the pool is full of this sequence: its deeper blocks would evict its own
-                    self._free.append(self._blocks.popitem(last=False)[1].index)
+                    self._free.append(self._blocks.popitem(last=False)[1].place)
                 block = self._blocks[key] = Block(next(self._ids), self._free.pop())
-                new.append((b, block.index))
+                new.append((b, block.place))
             self._blocks.move_to_end(key)  # now: the eviction of a later block must not take this one
             keys.append(key)
             chain.blocks, chain.last = b + 1, block.id
