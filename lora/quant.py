@@ -8,8 +8,9 @@
                int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
                weight once per token: a quarter of float32's bytes), and it trains too.
 
-The output head stays in full precision (w8a16 can take it too: `head=True`, for serving, where a tied head
-is a large share of the bytes read per token), as transformers' bitsandbytes loader leaves it, so `nf4`, `fp4`
+The output head stays in full precision (w8a16 can take it too: `head=True`, what serving does by default, see
+serving_head: a tied head is a large share of the bytes read per token), as transformers' bitsandbytes loader
+leaves it, so `nf4`, `fp4`
 and `int8` give the model `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads,
 `record = quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
 logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
@@ -68,6 +69,15 @@ def check_quantization(method: str, double_quant: bool = False, compute_dtype: s
         raise LoraError(f"quantizing the output head is offered for w8a16 (serving), not {method}: bitsandbytes "
                         "bases keep it in full precision, as PEFT and transformers expect")
     return Quantization(method, double_quant, compute_dtype, head)
+
+
+def serving_head(method: str | None, head: bool | None) -> bool:
+    """Whether a base served over `method` gets its output head quantized: `head` if given, else yes for w8a16
+    (llama.cpp's Q8_0 files hold the head in 8 bits too; it moves SmolLM2's logits a third as far as
+    quantizing its linear layers does) and no for bitsandbytes methods, which keep it in full precision."""
+    if head and method is None:
+        raise LoraError("quantizing the output head needs a quantized base: add --quantize int8 (w8a16)")
+    return method == "w8a16" if head is None else head
 
 
 def import_bitsandbytes(method: str) -> Any:
