@@ -131,6 +131,7 @@ class Segments:
     span: slice | None
     slots: torch.Tensor  # (padded groups,) the slots padded into the batched matmul
     alone: list[tuple[int, torch.Tensor]]  # (slot, token rows) of each big group
+    whole: bool = False  # one padded group of every token in order (a one-task step): no gather, no scatter
 
 
 def segments(token_slots: np.ndarray, device: torch.device) -> Segments | None:
@@ -163,10 +164,11 @@ def segments(token_slots: np.ndarray, device: torch.device) -> Segments | None:
 
     def as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, device=device)
+    whole = full and not alone and len(padded) == 1 and len(rows) == len(token_slots)  # rows are 0..n-1 in order
     return Segments(length, as_tensor(rows), None if full else as_tensor(valid).view(len(padded), length, 1),
                     None if full else as_tensor(positions), as_tensor(kept_rows),
                     as_tensor(np.repeat(padded, length)), slice(lo, hi) if len(padded) == hi - lo else None,
-                    as_tensor(padded), alone)
+                    as_tensor(padded), alone, whole)
 
 
 class MixedAdapters:
@@ -231,15 +233,16 @@ class MixedAdapters:
                     h = w.A[groups.slot_of_position, flat_x[groups.rows]].view(n_groups, groups.length, -1)
                 else:
                     A = w.A[groups.span] if groups.span else w.A.index_select(0, groups.slots)
-                    x_rows = flat_x.index_select(0, groups.rows).to(w.A.dtype)
+                    # A one-task step takes its rows as they are: the same values the gather would copy
+                    x_rows = (flat_x if groups.whole else flat_x.index_select(0, groups.rows)).to(w.A.dtype)
                     h = torch.bmm(x_rows.view(n_groups, groups.length, -1), A)
-                h = h * scales[groups.slots].view(-1, 1, 1)
+                h = h * (scales[groups.span] if groups.span else scales[groups.slots]).view(-1, 1, 1)
                 if groups.valid is not None:
                     h = torch.where(groups.valid, h, 0.0)  # padding adds nothing, even if its row is not finite
                 update = torch.bmm(h, B).view(-1, flat_out.shape[-1])
                 if groups.kept is not None:
                     update = update.index_select(0, groups.kept)
-                _add(flat_out, groups.kept_rows, update)
+                _add(flat_out, None if groups.whole else groups.kept_rows, update)
             for slot, rows in groups.alone:
                 x_rows = flat_x[rows] if w.embedding else flat_x.index_select(0, rows).to(w.A.dtype)
                 h = w.A[slot][x_rows] if w.embedding else x_rows @ w.A[slot]
@@ -248,9 +251,11 @@ class MixedAdapters:
         return hook
 
 
-def _add(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> None:
-    """out[rows] += update, rounded once to out's dtype."""
-    if out.dtype == update.dtype:
+def _add(out: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> None:
+    """out[rows] += update (rows None: every row), rounded once to out's dtype."""
+    if rows is None:
+        out.copy_(out.to(update.dtype) + update) if out.dtype != update.dtype else out.add_(update)
+    elif out.dtype == update.dtype:
         out.index_add_(0, rows, update)
     else:
         out.index_copy_(0, rows, (out.index_select(0, rows).to(update.dtype) + update).to(out.dtype))

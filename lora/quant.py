@@ -153,7 +153,11 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = _Int8MatMul.apply(flat, self.weight, self.scale).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if flat.requires_grad or flat.device.type != "cpu":
+            out = _Int8MatMul.apply(flat, self.weight, self.scale)
+        else:  # serving: the kernel itself (autograd.Function's bookkeeping costs as much as a small layer's matmul)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
