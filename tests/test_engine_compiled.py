@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import lora
 from lora.engine import Engine, SamplingParams
 from tests.test_engine import mt, prompt  # noqa: F401 - the module's tasks fixture
 
@@ -38,3 +39,16 @@ def test_captured_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
 @pytest.mark.slow  # inductor compiles for minutes on a 2-core CPU: pytest -m slow
 def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
     answers_as_eager(mt, "inductor")
+
+
+@pytest.mark.slow  # tracing its seven kinds of decode step takes ~10 s: pytest -m slow
+def test_a_quantized_base_decodes_compiled_and_as_eager(tiny_llama, tiny_tokenizer):
+    torch._dynamo.reset()
+    quantized = lora.MultiTaskModel(tiny_llama, quantize="w8a16")  # every step over it runs the per-token path
+    compiled = Engine(quantized, max_num_seqs=2, enforce_eager=False, compile_backend="eager")
+    ids = tiny_tokenizer("What colour is the apple?")["input_ids"]
+    expected = Engine(quantized, max_num_seqs=2).generate([ids], [None], GREEDY)[0].new_token_ids
+    if not compiled.runner.compiled.wait(timeout=600):
+        pytest.fail(f"compiling failed: {compiled.runner.compiled.error!r}")
+    assert compiled.generate([ids], [None], GREEDY)[0].new_token_ids == expected
+    assert compiled.runner.compiled.steps >= GREEDY.max_tokens - 1  # no task asked: every decode step compiled

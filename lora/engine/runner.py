@@ -212,7 +212,8 @@ class ModelRunner:
                 mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
             forward: Any = self.model
-            if mixed is None and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
+            plain = mixed is None or not mixed.tasks  # no task's update: plain or merged weights (a quantized base)
+            if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
                 forward = self.compiled  # a decode step on plain or merged weights
             with context:
                 logits = forward(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
