@@ -212,7 +212,10 @@ class ModelRunner:
                 mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
             forward: Any = self.model
-            plain = mixed is None or not mixed.tasks  # no task's update: plain or merged weights (a quantized base)
+            # Compiled code ignores forward hooks added after it was traced (dynamo does not guard on them), so it
+            # runs only steps with no task's update by hooks: plain or merged weights, or a quantized base's steps
+            # whose mixed updates hold no task (over a quantized base a task activated is forward hooks too).
+            plain = not mixed.tasks if mixed is not None else self.tasks.merges or self._spec is None
             if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
                 forward = self.compiled  # a decode step on plain or merged weights
             with context:
