@@ -253,8 +253,10 @@ class MixedAdapters:
 
 def _add(out: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> None:
     """out[rows] += update (rows None: every row), rounded once to out's dtype."""
-    if rows is None:
-        out.copy_(out.to(update.dtype) + update) if out.dtype != update.dtype else out.add_(update)
+    if rows is None and out.dtype == update.dtype:
+        out.add_(update)
+    elif rows is None:
+        out.copy_(out.to(update.dtype) + update)
     elif out.dtype == update.dtype:
         out.index_add_(0, rows, update)
     else:

@@ -8,11 +8,11 @@
                int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
                weight once per token: a quarter of float32's bytes), and it trains too.
 
-The output head stays in full precision (w8a16 can take it too: `head=True`, what serving does by default, see
-serving_head: a tied head is a large share of the bytes read per token), as transformers' bitsandbytes loader
-leaves it, so `nf4`, `fp4`
-and `int8` give the model `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads,
-`record = quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
+The output head stays in full precision, as transformers' bitsandbytes loader leaves it (w8a16 can take it
+too: `head=True`, what serving does by default, see serving_head: a tied head is a large share of the bytes
+read per token), so `nf4`, `fp4` and `int8` give the model
+`from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads, `record =
+quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
 logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
 LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
 take a merged task): `dequantize_model` gives float Linears back for merge and export.
@@ -219,6 +219,9 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
             raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
         new = Int8Linear.from_linear(linear).to(target) if bnb is None else _bnb_linear(bnb, linear, q, target)
         model.set_submodule(name, new.train(linear.training))
+    config = getattr(model, "config", None)
+    if head and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # head and embedding now differ: saved (de-quantized) as two weights
     setattr(model, RECORD_ATTR, asdict(q))
     return names
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora.cli import main
 from lora.engine import Engine, SamplingParams
-from lora.quant import Int8Linear, model_quantization
+from lora.quant import Int8Linear, dequantize_model, model_quantization
 
 from .conftest import PROMPT, THINGS
 
@@ -119,7 +119,7 @@ def tied_llama(tokenizer):
     return LlamaForCausalLM(config).eval()
 
 
-def test_w8a16_serving_quantizes_a_tied_output_head_unties_it_and_keeps_logits_close(tiny_tokenizer):
+def test_w8a16_serving_quantizes_a_tied_output_head_unties_it_and_keeps_logits_close(tiny_tokenizer, tmp_path):
     ids = torch.tensor([tiny_tokenizer("What colour is the apple?")["input_ids"]])
     model = tied_llama(tiny_tokenizer)
     with torch.no_grad():
@@ -130,8 +130,14 @@ def test_w8a16_serving_quantizes_a_tied_output_head_unties_it_and_keeps_logits_c
         head, embedding = mt.pretrained_model.lm_head, mt.pretrained_model.model.embed_tokens
         assert isinstance(head, Int8Linear) and head.weight.dtype == torch.int8
         assert embedding.weight.dtype == torch.float32  # the embedding lookup stays float: only the head is int8
+        assert not mt.pretrained_model.config.tie_word_embeddings
         torch.testing.assert_close(embedding.weight, model.model.embed_tokens.weight, rtol=0, atol=0)
         logits = mt.pretrained_model(ids).logits
     assert not torch.equal(logits, reference)
     assert ((logits - reference).norm() / reference.norm()) < 0.02  # per-row int8 rounding of the head only
     assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    dequantize_model(mt.pretrained_model)  # the way to export: saved, the head keeps its de-quantized values
+    mt.pretrained_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits
+        torch.testing.assert_close(saved, mt.pretrained_model(ids).logits, rtol=0, atol=0)
