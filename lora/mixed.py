@@ -8,7 +8,8 @@ free (or the least recently used) slot; the other slots stay as they are.
 Per step the tokens are sorted by slot once (`Segments`), and each module applies each task's A and B to
 that task's tokens only (Punica/S-LoRA's segmented matmul): the small segments (decode rows) padded into one
 batched matmul over the slots they use, each big one (a prompt chunk) on its own. The cost follows the
-tokens, not the number of distinct tasks in the step.
+tokens, not the number of distinct tasks in the step. A step whose tokens all have one task (every decode
+step of a single stream) skips the grouping: its rows are that one group as they are.
 """
 from __future__ import annotations
 
@@ -131,7 +132,6 @@ class Segments:
     span: slice | None
     slots: torch.Tensor  # (padded groups,) the slots padded into the batched matmul
     alone: list[tuple[int, torch.Tensor]]  # (slot, token rows) of each big group
-    whole: bool = False  # one padded group of every token in order (a one-task step): no gather, no scatter
 
 
 def segments(token_slots: np.ndarray, device: torch.device) -> Segments | None:
@@ -164,11 +164,10 @@ def segments(token_slots: np.ndarray, device: torch.device) -> Segments | None:
 
     def as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(a, device=device)
-    whole = full and not alone and len(padded) == 1 and len(rows) == len(token_slots)  # rows are 0..n-1 in order
     return Segments(length, as_tensor(rows), None if full else as_tensor(valid).view(len(padded), length, 1),
                     None if full else as_tensor(positions), as_tensor(kept_rows),
                     as_tensor(np.repeat(padded, length)), slice(lo, hi) if len(padded) == hi - lo else None,
-                    as_tensor(padded), alone, whole)
+                    as_tensor(padded), alone)
 
 
 class MixedAdapters:
@@ -184,6 +183,7 @@ class MixedAdapters:
         self._token_slots: torch.Tensor | None = None
         self._segments: dict[tuple[int, ...], Segments | None] = {}
         self._modules: list[SlotWeights] = []
+        self._whole: slice | None = None  # the slot of every token, in a step of one task (else None)
 
     def select(self, index: torch.Tensor) -> None:
         """Which task each token (batch, seq) or row (batch, 1) uses from now on: 0 the base, i + 1 tasks[i]."""
@@ -191,6 +191,8 @@ class MixedAdapters:
         lookup = torch.tensor([-1, *slots])
         self._token_slots = lookup[index.cpu()]  # a host copy: grouping tokens needs no device sync
         self._segments = {}
+        first = int(self._token_slots.reshape(-1)[0])
+        self._whole = slice(first, first + 1) if first >= 0 and bool((self._token_slots == first).all()) else None
         adapted = set().union(*(self._table.adapted[s] for s in slots))
         self._modules = [w for name, w in self._table.modules.items() if name in adapted]
 
@@ -221,6 +223,12 @@ class MixedAdapters:
 
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
+            whole = self._whole
+            if whole is not None and not w.embedding:  # one task: the one padded group segments() would make
+                flat_out = out.view(-1, out.shape[-1])
+                h = torch.bmm(x.reshape(1, -1, x.shape[-1]).to(w.A.dtype), w.A[whole]) * scales[whole].view(-1, 1, 1)
+                _add(flat_out, None, torch.bmm(h, w.B[whole]).view(-1, flat_out.shape[-1]))
+                return out
             groups = self._grouped(tuple(x.shape if w.embedding else x.shape[:-1]), x.device)
             if groups is None:
                 return out
@@ -233,16 +241,15 @@ class MixedAdapters:
                     h = w.A[groups.slot_of_position, flat_x[groups.rows]].view(n_groups, groups.length, -1)
                 else:
                     A = w.A[groups.span] if groups.span else w.A.index_select(0, groups.slots)
-                    # A one-task step takes its rows as they are: the same values the gather would copy
-                    x_rows = (flat_x if groups.whole else flat_x.index_select(0, groups.rows)).to(w.A.dtype)
+                    x_rows = flat_x.index_select(0, groups.rows).to(w.A.dtype)
                     h = torch.bmm(x_rows.view(n_groups, groups.length, -1), A)
-                h = h * (scales[groups.span] if groups.span else scales[groups.slots]).view(-1, 1, 1)
+                h = h * scales[groups.slots].view(-1, 1, 1)
                 if groups.valid is not None:
                     h = torch.where(groups.valid, h, 0.0)  # padding adds nothing, even if its row is not finite
                 update = torch.bmm(h, B).view(-1, flat_out.shape[-1])
                 if groups.kept is not None:
                     update = update.index_select(0, groups.kept)
-                _add(flat_out, None if groups.whole else groups.kept_rows, update)
+                _add(flat_out, groups.kept_rows, update)
             for slot, rows in groups.alone:
                 x_rows = flat_x[rows] if w.embedding else flat_x.index_select(0, rows).to(w.A.dtype)
                 h = w.A[slot][x_rows] if w.embedding else x_rows @ w.A[slot]
