@@ -219,7 +219,7 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
             raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
         new = Int8Linear.from_linear(linear).to(target) if bnb is None else _bnb_linear(bnb, linear, q, target)
         model.set_submodule(name, new.train(linear.training))
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     if head and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # head and embedding now differ: saved (de-quantized) as two weights
     setattr(model, RECORD_ATTR, asdict(q))
