@@ -214,7 +214,11 @@ class ModelRunner:
                 mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
             forward: Any = self.model
-            if mixed is None and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
+            # Compiled code ignores forward hooks added after it was traced (dynamo does not guard on them), so it
+            # runs only steps with no task's update by hooks: plain or merged weights, or a quantized base's steps
+            # whose mixed updates hold no task (over a quantized base a task activated is forward hooks too).
+            plain = not mixed.tasks if mixed is not None else self.tasks.merges or self._spec is None
+            if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
                 forward = self.compiled  # a decode step on plain or merged weights
             packed: AbstractContextManager[None] = contextlib.nullcontext()
             if forward is self.model and self.packed is not None and not plan.chunks and n > 1:  # see engine.packed
