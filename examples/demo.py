@@ -252,9 +252,9 @@ def quality(method, float_dir, force):
 
 
 def quality_met(row):
-    """The goal: the score within 0.05 of float32's and the validation loss within 5% of it at equal steps."""
-    return (abs(row["score"] - row["float32_score"]) <= 0.05
-            and abs(row["val_loss"] - row["float32_val_loss"]) <= 0.05 * row["float32_val_loss"])
+    """The goal: the score at most 0.05 below float32's and the validation loss at most 5% above it at equal
+    steps (doing better than float32 is no miss)."""
+    return row["score"] >= row["float32_score"] - 0.05 and row["val_loss"] <= 1.05 * row["float32_val_loss"]
 
 
 def quality_table(method, rows):
