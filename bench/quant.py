@@ -18,7 +18,9 @@ Every run is its own process. Reported: the peak RSS of the training steps (the 
 reset after setup and after glibc's malloc_trim gave the replaced float weights back), the RSS the loaded
 model holds before the first step, the process's peak including loading, and the median seconds of the
 steps after the first (input tokens per second from it) and their median CPU seconds (all threads'; on shared
-cores the steadier figure of the work a step takes).
+cores the steadier figure of the work a step takes). Peak RSS depends on glibc's allocator, which keeps freed
+blocks of up to 32 MiB for reuse: with MALLOC_MMAP_THRESHOLD_=1048576 in the environment (every run inherits it)
+freed blocks go back to the OS and the peak is close to the memory a step uses, at some CPU cost.
 
 Decode (--parts decode): single-stream greedy decoding of --decode_tokens tokens with transformers' generate
 on SmolLM2-135M-Instruct (lora.load_model("smollm2-135m")): float32, w8a16, and w8a16-head (its tied output
