@@ -17,7 +17,10 @@ random batch of --batch_size x --seq_len tokens (every position a target):
 Every run is its own process. Reported: the peak RSS of the training steps (the kernel's high-water mark,
 reset after setup and after glibc's malloc_trim gave the replaced float weights back), the RSS the loaded
 model holds before the first step, the process's peak including loading, and the median seconds of the
-steps after the first (input tokens per second from it).
+steps after the first (input tokens per second from it) and their median CPU seconds (all threads'; on shared
+cores the steadier figure of the work a step takes). Peak RSS depends on glibc's allocator, which keeps freed
+blocks of up to 32 MiB for reuse: with MALLOC_MMAP_THRESHOLD_=1048576 in the environment (every run inherits it)
+freed blocks go back to the OS and the peak is close to the memory a step uses, at some CPU cost.
 
 Decode (--parts decode): single-stream greedy decoding on SmolLM2-135M-Instruct, each run its own process, the same
 prompt ids, end-of-sequence ignored: float32, w8a16, w8a16-head (its tied head too): transformers' generate;
@@ -170,19 +173,21 @@ def train_child(args):
     release_free_memory()  # the float weights quantization replaced, in every run alike
     setup_rss, load_peak = status_kib("VmRSS"), status_kib("VmHWM")
     reset_peak_rss()
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = loss_of(batch, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
-    timed = sorted(times[1:] or times)
+        cpu_times.append(time.process_time() - cpu_start)
+        losses.append(float(loss.detach()))
+    timed, cpu_timed = sorted(times[1:] or times), sorted(cpu_times[1:] or cpu_times)
     return {"run": run, "step_peak_gib": gib(status_kib("VmHWM")), "setup_rss_gib": gib(setup_rss),
             "load_peak_gib": gib(max(load_peak, status_kib("VmHWM"))), "floor_gib": gib(whole_peak_before),
-            "step_s": timed[len(timed) // 2], "tokens_per_s": args.batch_size * args.seq_len / timed[len(timed) // 2],
+            "step_s": timed[len(timed) // 2], "step_cpu_s": cpu_timed[len(cpu_timed) // 2],
+            "tokens_per_s": args.batch_size * args.seq_len / timed[len(timed) // 2],
             "losses": [round(x, 4) for x in losses], "trainable": sum(p.numel() for p in params)}
 
 
@@ -309,14 +314,14 @@ def train_table(args, results):
     base = by.get("float32")
     print(f"\n### LoRA training step: {args.shape}-shaped Llama, r={args.rank} all-linear, batch {args.batch_size} x "
           f"{args.seq_len}, gradient checkpointing, {args.steps} steps\n")
-    print("| run | step peak RSS (GiB) | vs float32 | model RSS (GiB) | peak incl. load (GiB) | s/step | tokens/s "
-          "| vs PEFT + bnb | losses |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | step peak RSS (GiB) | vs float32 | model RSS (GiB) | peak incl. load (GiB) | s/step | CPU s/step "
+          "| tokens/s | vs PEFT + bnb | losses |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         peer = by.get("peft-" + r["run"])
         print(f"| {r['run']} | {r['step_peak_gib']:.2f} | {ratio(r, base, 'step_peak_gib')} | "
-              f"{r['setup_rss_gib']:.2f} | {r['load_peak_gib']:.2f} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{ratio(r, peer, 'tokens_per_s')} | {' '.join(map(str, r['losses']))} |")
+              f"{r['setup_rss_gib']:.2f} | {r['load_peak_gib']:.2f} | {r['step_s']:.2f} | {r['step_cpu_s']:.2f} | "
+              f"{r['tokens_per_s']:.0f} | {ratio(r, peer, 'tokens_per_s')} | {' '.join(map(str, r['losses']))} |")
     nf4, peer = by.get("nf4"), by.get("peft-nf4")
     if nf4 and base:
         x = nf4["step_peak_gib"] / base["step_peak_gib"]
@@ -324,6 +329,8 @@ def train_table(args, results):
     if nf4 and peer:
         x = nf4["tokens_per_s"] / peer["tokens_per_s"]
         print(f"Goal nf4 step speed >= 0.9x PEFT + bitsandbytes: {x:.2f}x, {'met' if x >= 0.9 else 'NOT met'}")
+        print(f"  (CPU time per step, PEFT's / ours: {peer['step_cpu_s'] / nf4['step_cpu_s']:.2f}x: the same figure "
+              "from CPU seconds, steadier on shared cores)")
 
 
 def decode_table(args, results):
