@@ -8,6 +8,8 @@ The trace: --requests completions requests, each a prompt of English words (logn
 --prompt-words, capped) for one of --models, asking for a planned number of tokens (lognormal, median
 --max-tokens/2, capped at --max-tokens; --output-sigma 0: exactly --max-tokens). Two mixes share every prompt
 and length and differ only in the tasks: uniform (every task equally often) and skewed (90% on the first task).
+The shared-prefix trace (--shared-prefix WORDS): each task's own system prompt of that many seeded words goes in
+front of every prompt of the task, as a task's prompt format or system prompt does (what prefix caching reuses).
 Clients: --concurrency closed-loop clients, each sending its next request when the last one is answered; or
 Poisson arrivals at --rate requests/s (then --concurrency, if given, caps the requests in flight).
 Every request is greedy and streamed (so time to first token is seen) and sends max_tokens plus vLLM's
@@ -111,8 +113,17 @@ def make_trace(args, tasks):
     mixes = {"uniform": [task_rng.choice(tasks) for _ in prompts],
              "skewed": [tasks[0] if task_rng.random() < args.skew or len(tasks) == 1 else task_rng.choice(tasks[1:])
                         for _ in prompts]}
-    return {mix: [Request(task, prompt, n) for task, prompt, n in zip(mixes[mix], prompts, outputs)]
+    system = {task: shared_prefix(args, task) for task in tasks}
+    return {mix: [Request(task, system[task] + prompt, n) for task, prompt, n in zip(mixes[mix], prompts, outputs)]
             for mix in args.mix}
+
+
+def shared_prefix(args, task):
+    """The task's system prompt: --shared-prefix seeded words (its own per task) before every prompt of the task."""
+    if not args.shared_prefix:
+        return ""
+    rng = random.Random(f"{args.seed}-{task}")
+    return f"You are the {task} assistant. {' '.join(rng.choices(WORDS, k=args.shared_prefix)).capitalize()}.\n\n"
 
 
 def arrival_times(args):
@@ -252,7 +263,9 @@ def report(args, runs, answers, probes, loads):
     outputs = (f"{args.max_tokens} tokens each" if args.output_sigma == 0 else
                f"output lognormal median {args.max_tokens / 2:g} sigma {args.output_sigma} capped at {args.max_tokens}")
     print(f"\n{args.requests} requests over {len(args.tasks)} tasks ({', '.join(args.tasks)}), {clients}, "
-          f"prompts lognormal median {args.prompt_words} words sigma {args.prompt_sigma}, {outputs}; "
+          f"prompts lognormal median {args.prompt_words} words sigma {args.prompt_sigma}"
+          + (f" after a {args.shared_prefix}-word system prompt per task" if args.shared_prefix else "")
+          + f", {outputs}; "
           f"greedy, streamed; {args.rounds} round(s) interleaved; seed {args.seed}\n")
     print("| server | mix | tokens (made/planned) | tokens/s | TTFT p50 | TTFT p95 | latency p50 | latency p95 "
           "| = alone | errors |")
@@ -331,6 +344,9 @@ def parse_args(argv=None):
     p.add_argument("--output-sigma", type=float, default=0.7,
                    help="spread of the planned answer lengths (lognormal, median --max-tokens/2); 0: all --max-tokens")
     p.add_argument("--prompt-words", type=int, default=48, help="median prompt length in words (~1.3 tokens each)")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                   help="a system prompt of this many words (about 1.3 tokens each), one per task, in front of every "
+                        "prompt of the task: the shared-prefix trace (prefix caching)")
     p.add_argument("--prompt-sigma", type=float, default=0.8, help="spread of the prompt lengths (lognormal)")
     p.add_argument("--prompt-max-words", type=int, default=400, help="the longest prompt, in words")
     p.add_argument("--mix", nargs="+", choices=["uniform", "skewed"], default=["uniform", "skewed"])

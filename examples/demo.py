@@ -9,6 +9,11 @@
 4. export each adapter for Ollama (runs/demo/ollama/<task>/: the llama.cpp adapter GGUF and a Modelfile);
 5. write runs/demo/report.md, loss.png and metrics.png.
 
+`--quantize nf4` (or fp4, int8) runs QLoRA's side of the comparison instead: the same training with the
+same seed and steps on a base whose linear layers are quantized, into runs/demo-nf4/, each adapter scored
+on that quantized base (what a QLoRA user serves), and runs/demo-nf4/quality.md setting its scores and
+validation losses beside the float32 demo's (runs/demo/, or --compare; run `make demo` first).
+
 Re-running reuses finished adapters (runs/demo/<task>/final) unless --force; an interrupted run resumes
 from its newest complete checkpoint.
 """
@@ -32,6 +37,7 @@ from lora.checkpoint import adapter_size_bytes, load_training_state  # noqa: E40
 from lora.cli import main as lora_cli  # noqa: E402
 from lora.data import load_prompt_format, load_records  # noqa: E402
 from lora.evaluate import METRICS, evaluate, json_valid, task_schema  # noqa: E402
+from lora.metrics import read_metrics, validation_rows  # noqa: E402
 from lora.models import resolve_model_path  # noqa: E402
 from lora.prompts import user_content  # noqa: E402
 
@@ -105,7 +111,7 @@ def newest_checkpoint(run_dir):
     return max(candidates)[-1] if candidates else None
 
 
-def finetune(task, force):
+def finetune(task, force, extra=()):
     """Train the task's adapter unless it exists; returns the seconds spent training (None: reused)."""
     run_dir = os.path.join(RUN_DIR, task)
     if force:
@@ -115,7 +121,7 @@ def finetune(task, force):
         return None
     argv = ["finetune", "--model_name_or_path", DEFAULT_MODEL,
             "--target_modules_path", task_file(task, "target_modules.txt"), *data_arguments(task),
-            "--checkpoint_dir", run_dir, *TRAINING]
+            "--checkpoint_dir", run_dir, *TRAINING, *extra]
     if os.path.exists(task_file(task, "schema.json")):  # extraction: every answer follows its schema when served
         argv += ["--response_schema", task_file(task, "schema.json")]
     resume = newest_checkpoint(run_dir)
@@ -203,6 +209,64 @@ def export_for_ollama(mt):
     return exports
 
 
+def quality(method, float_dir, force):
+    """--quantize: the demo's training on a quantized base, each adapter scored on that base, beside float32's."""
+    global RUN_DIR  # every path of the run (chat data, adapters, metrics) goes under runs/demo-<method>/
+    RUN_DIR = os.path.join(ROOT, "runs", f"demo-{method}")
+    reference_path = os.path.join(float_dir, "summary.json")
+    if not os.path.isfile(reference_path):
+        sys.exit(f"no float32 demo results at {reference_path}: run `make demo` first (or pass --compare FOLDER)")
+    with open(reference_path, encoding="utf-8") as f:
+        reference = {t["task"]: t for t in json.load(f)["tasks"]}
+    print(f"== 1/2  Finetune one LoRA adapter per task on {DEFAULT_MODEL} quantized to {method} "
+          f"({torch.get_num_threads()} CPU threads)")
+    resolve_model_path(DEFAULT_MODEL)
+    train_seconds = {task: finetune(task, force, ["--quantize", method]) for task in TASKS}
+    print(f"\n== 2/2  Each adapter on the {method} base vs the float32 demo's adapter on the float32 base")
+    model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
+    mt = MultiTaskModel(model, {task: os.path.join(RUN_DIR, task, "final") for task in TASKS}, tokenizer=tokenizer,
+                        quantize=method)
+    rows = []
+    for task, metric in TASKS.items():
+        tuned = evaluate(mt, task, load_records(task_file(task, "test.json")), metric, EVAL_BATCH_SIZE)
+        losses = {row["step"]: row["val_loss"] for row in validation_rows(read_metrics(
+            os.path.join(RUN_DIR, task, "metrics.jsonl")))}
+        float_losses = {row["step"]: row["val_loss"] for row in validation_rows(read_metrics(
+            os.path.join(float_dir, task, "metrics.jsonl")))}
+        step = max(set(losses) & set(float_losses))  # the last validation both runs made: equal steps
+        rows.append({"task": task, "metric": metric, "n": tuned["n"], "score": tuned["score"],
+                     "float32_score": reference[task]["adapter_score"], "step": step, "val_loss": losses[step],
+                     "float32_val_loss": float_losses[step], "train_seconds": train_seconds[task],
+                     "float32_train_seconds": reference[task]["train_seconds"]})
+        r = rows[-1]
+        print(f"{task:<20} {METRIC_NAMES[metric]:<12} {method} {r['score']:.3f} vs float32 {r['float32_score']:.3f};"
+              f" validation loss at step {step}: {r['val_loss']:.4f} vs {r['float32_val_loss']:.4f}")
+    with open(os.path.join(RUN_DIR, "quality.json"), "w", encoding="utf-8") as f:
+        json.dump({"method": method, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[2],
+                   "tasks": rows}, f, indent=1)
+    path = os.path.join(RUN_DIR, "quality.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(quality_table(method, rows))
+    print(f"\n{quality_table(method, rows)}\nWrote {os.path.relpath(path, ROOT)}")
+    return 0 if all(quality_met(r) for r in rows) else 1
+
+
+def quality_met(row):
+    """The goal: the score at most 0.05 below float32's and the validation loss at most 5% above it at equal
+    steps (doing better than float32 is no miss)."""
+    return row["score"] >= row["float32_score"] - 0.05 and row["val_loss"] <= 1.05 * row["float32_val_loss"]
+
+
+def quality_table(method, rows):
+    lines = [f"| task | metric | {method} base | float32 base | validation loss ({method} / float32, step) | "
+             "goal |", "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {METRIC_NAMES[r['metric']]} | {r['score']:.3f} | {r['float32_score']:.3f} | "
+                     f"{r['val_loss']:.4f} / {r['float32_val_loss']:.4f} (step {r['step']}, "
+                     f"{r['val_loss'] / r['float32_val_loss'] - 1:+.1%}) | {'met' if quality_met(r) else 'NOT met'} |")
+    return "\n".join(lines) + "\n"
+
+
 def shorten(text, limit=110):
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
@@ -210,8 +274,13 @@ def shorten(text, limit=110):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="retrain every adapter from scratch")
+    parser.add_argument("--quantize", choices=("nf4", "fp4", "int8"),
+                        help="QLoRA: train and score on a base quantized so, in runs/demo-<method>/, against float32's")
+    parser.add_argument("--compare", default=RUN_DIR, help="--quantize: the float32 demo's folder (default runs/demo)")
     args = parser.parse_args()
     sys.stdout.reconfigure(line_buffering=True)  # keep our lines in order with the progress bars on stderr
+    if args.quantize:
+        return quality(args.quantize, args.compare, args.force)
     started, cpu_started = time.perf_counter(), time.process_time()
     phases = {}
 

@@ -8,7 +8,8 @@ free (or the least recently used) slot; the other slots stay as they are.
 Per step the tokens are sorted by slot once (`Segments`), and each module applies each task's A and B to
 that task's tokens only (Punica/S-LoRA's segmented matmul): the small segments (decode rows) padded into one
 batched matmul over the slots they use, each big one (a prompt chunk) on its own. The cost follows the
-tokens, not the number of distinct tasks in the step.
+tokens, not the number of distinct tasks in the step. A step whose tokens all have one task (every decode
+step of a single stream) skips the grouping: its rows are that one group as they are.
 """
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ class MixedAdapters:
         self._token_slots: torch.Tensor | None = None
         self._segments: dict[tuple[int, ...], Segments | None] = {}
         self._modules: list[SlotWeights] = []
+        self._whole: slice | None = None  # the slot of every token, in a step of one task (else None)
 
     def select(self, index: torch.Tensor) -> None:
         """Which task each token (batch, seq) or row (batch, 1) uses from now on: 0 the base, i + 1 tasks[i]."""
@@ -189,6 +191,8 @@ class MixedAdapters:
         lookup = torch.tensor([-1, *slots])
         self._token_slots = lookup[index.cpu()]  # a host copy: grouping tokens needs no device sync
         self._segments = {}
+        first = int(self._token_slots.reshape(-1)[0])
+        self._whole = slice(first, first + 1) if first >= 0 and bool((self._token_slots == first).all()) else None
         adapted = set().union(*(self._table.adapted[s] for s in slots))
         self._modules = [w for name, w in self._table.modules.items() if name in adapted]
 
@@ -219,6 +223,12 @@ class MixedAdapters:
 
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]
+            whole = self._whole
+            if whole is not None and not w.embedding:  # one task: the one padded group segments() would make
+                flat_out = out.view(-1, out.shape[-1])
+                h = torch.bmm(x.reshape(1, -1, x.shape[-1]).to(w.A.dtype), w.A[whole]) * scales[whole].view(-1, 1, 1)
+                _add(flat_out, None, torch.bmm(h, w.B[whole]).view(-1, flat_out.shape[-1]))
+                return out
             groups = self._grouped(tuple(x.shape if w.embedding else x.shape[:-1]), x.device)
             if groups is None:
                 return out
@@ -248,9 +258,13 @@ class MixedAdapters:
         return hook
 
 
-def _add(out: torch.Tensor, rows: torch.Tensor, update: torch.Tensor) -> None:
-    """out[rows] += update, rounded once to out's dtype."""
-    if out.dtype == update.dtype:
+def _add(out: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> None:
+    """out[rows] += update (rows None: every row), rounded once to out's dtype."""
+    if rows is None and out.dtype == update.dtype:
+        out.add_(update)
+    elif rows is None:
+        out.copy_(out.to(update.dtype) + update)
+    elif out.dtype == update.dtype:
         out.index_add_(0, rows, update)
     else:
         out.index_copy_(0, rows, (out.index_select(0, rows).to(update.dtype) + update).to(out.dtype))

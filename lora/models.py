@@ -104,16 +104,17 @@ def load_tokenizer(name_or_path: str) -> "PreTrainedTokenizerBase":
 
 def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = "cpu", quantize: str | None = None, double_quant: bool = False,
-               compute_dtype: str | None = None) -> tuple[Any, "PreTrainedTokenizerBase"]:
+               compute_dtype: str | None = None, quantize_head: bool = False) -> tuple[Any, "PreTrainedTokenizerBase"]:
     """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'.
 
-    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head: see lora.quant.
+    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head (that too with
+    `quantize_head`, w8a16 only): see lora.quant.
     """
     from transformers import AutoModelForCausalLM
 
     name_or_path = os.fspath(name_or_path)
     if quantize is not None:
-        check_quantization(quantize, double_quant, compute_dtype)  # before a long load
+        check_quantization(quantize, double_quant, compute_dtype, quantize_head)  # before a long load
     path = resolve_model_path(name_or_path)
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
@@ -121,6 +122,6 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | 
         raise LoraError(f"cannot load a causal language model from {path}: {e}") from None
     model.config._name_or_path = name_or_path if name_or_path == DEFAULT_MODEL else path
     if quantize is not None:
-        quantize_model(model, quantize, double_quant, compute_dtype, device=resolve_device(device))
+        quantize_model(model, quantize, double_quant, compute_dtype, device=resolve_device(device), head=quantize_head)
     model.to(resolve_device(device)).eval()
     return model, load_tokenizer(name_or_path)

@@ -44,11 +44,12 @@ class MultiTaskModel(Tasks):
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  tokenizer: object = None, cache_bytes: int = 512 << 20, host_cache_bytes: int = 2 << 30,
                  merged_cache_bytes: int = 2 << 30, update_dtype: torch.dtype = torch.float32,
-                 quantize: str | None = None, double_quant: bool = False, compute_dtype: str | None = None) -> None:
+                 quantize: str | None = None, double_quant: bool = False, compute_dtype: str | None = None,
+                 quantize_head: bool | None = None) -> None:
         self._engine: _Engine | None = None
         self._engine_lock = threading.Lock()  # one caller drives the engine at a time
         super().__init__(model, mapper, device, dtype, tokenizer, cache_bytes, host_cache_bytes, merged_cache_bytes,
-                         update_dtype, quantize, double_quant, compute_dtype)
+                         update_dtype, quantize, double_quant, compute_dtype, quantize_head)
 
     def start(self, batch_size: int = 16, mode: str = "auto", **engine_args: Any) -> Engine:
         """Give the model one engine thread that every generate_response(s) call shares, so calls from many

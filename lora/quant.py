@@ -8,10 +8,11 @@
                int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
                weight once per token: a quarter of float32's bytes), and it trains too.
 
-The output head stays in full precision (w8a16 can take it too: `head=True`, for serving, where a tied head
-is a large share of the bytes read per token), as transformers' bitsandbytes loader leaves it, so `nf4`, `fp4`
-and `int8` give the model `from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads,
-`record = quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
+The output head stays in full precision, as transformers' bitsandbytes loader leaves it (w8a16 can take it
+too: `head=True`, what serving does by default, see serving_head: a tied head is a large share of the bytes
+read per token), so `nf4`, `fp4` and `int8` give the model
+`from_pretrained(..., quantization_config=BitsAndBytesConfig(**record))` loads, `record =
+quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
 logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
 LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
 take a merged task): `dequantize_model` gives float Linears back for merge and export.
@@ -68,6 +69,15 @@ def check_quantization(method: str, double_quant: bool = False, compute_dtype: s
         raise LoraError(f"quantizing the output head is offered for w8a16 (serving), not {method}: bitsandbytes "
                         "bases keep it in full precision, as PEFT and transformers expect")
     return Quantization(method, double_quant, compute_dtype, head)
+
+
+def serving_head(method: str | None, head: bool | None) -> bool:
+    """Whether a base served over `method` gets its output head quantized: `head` if given, else yes for w8a16
+    (llama.cpp's Q8_0 files hold the head in 8 bits too; it moves SmolLM2's logits a third as far as
+    quantizing its linear layers does) and no for bitsandbytes methods, which keep it in full precision."""
+    if head and method is None:
+        raise LoraError("quantizing the output head needs a quantized base: add --quantize int8 (w8a16)")
+    return method == "w8a16" if head is None else head
 
 
 def import_bitsandbytes(method: str) -> Any:
@@ -143,7 +153,11 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = _Int8MatMul.apply(flat, self.weight, self.scale).reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if flat.requires_grad or flat.device.type != "cpu":
+            out = _Int8MatMul.apply(flat, self.weight, self.scale)
+        else:  # serving: the kernel itself (autograd.Function's bookkeeping costs as much as a small layer's matmul)
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
 
@@ -205,6 +219,9 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
             raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
         new = Int8Linear.from_linear(linear).to(target) if bnb is None else _bnb_linear(bnb, linear, q, target)
         model.set_submodule(name, new.train(linear.training))
+    config: Any = getattr(model, "config", None)
+    if head and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False  # head and embedding now differ: saved (de-quantized) as two weights
     setattr(model, RECORD_ATTR, asdict(q))
     return names
 

@@ -18,7 +18,7 @@ from .errors import LoraError
 from .hooked import HookedUpdate
 from .mixed import AdapterSlots, MixedAdapters
 from .models import load_model
-from .quant import is_quantized, quantize_model
+from .quant import is_quantized, quantize_model, serving_head
 from .registry import CheckedAdapter, Registry, read_mapper
 from .switch import Key, Spec, Switch
 
@@ -46,18 +46,21 @@ class Tasks:
     for models on an accelerator). Merged weights of recently used tasks are kept up to
     `merged_cache_bytes` (0: only the active task's; every switch then rebuilds). Mixed batches compute
     each token's update in `update_dtype`. `quantize` (nf4, fp4, int8, w8a16; with `double_quant`,
-    `compute_dtype`) quantizes the base's linear layers (a loaded model's in place), see lora.quant.
+    `compute_dtype`) quantizes the base's linear layers (a loaded model's in place), see lora.quant; w8a16
+    quantizes the output head too unless `quantize_head` is False (lora.quant.serving_head).
     """
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, mapper: str | os.PathLike | dict | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  tokenizer: object = None, cache_bytes: int = 512 << 20, host_cache_bytes: int = 2 << 30,
                  merged_cache_bytes: int = 2 << 30, update_dtype: torch.dtype = torch.float32,
-                 quantize: str | None = None, double_quant: bool = False, compute_dtype: str | None = None) -> None:
+                 quantize: str | None = None, double_quant: bool = False, compute_dtype: str | None = None,
+                 quantize_head: bool | None = None) -> None:
         hf_model: torch.nn.Module
+        head = serving_head(quantize, quantize_head)
         if isinstance(model, (str, os.PathLike)):
             hf_model, tokenizer = load_model(os.fspath(model), dtype=dtype, device=device or "auto", quantize=quantize,
-                                             double_quant=double_quant, compute_dtype=compute_dtype)
+                                             double_quant=double_quant, compute_dtype=compute_dtype, quantize_head=head)
         elif not isinstance(model, torch.nn.Module):
             raise LoraError(f"model is a loaded model or a model's name or path, not {type(model).__name__}")
         elif tokenizer is None:
@@ -65,7 +68,7 @@ class Tasks:
         else:
             hf_model = model if device is None else model.to(device)
             if quantize is not None:
-                quantize_model(hf_model, quantize, double_quant, compute_dtype)
+                quantize_model(hf_model, quantize, double_quant, compute_dtype, head=head)
         self.pretrained_model, self.tokenizer = hf_model.eval(), tokenizer
         # Packed weights cannot take a merged task: then a task applies as forward hooks (see the module's doc).
         self.merges = not any(is_quantized(m) for m in hf_model.modules())

@@ -232,14 +232,17 @@ def test_background_engine_streams_deltas_and_unloads_between_steps(mt, tiny_lla
 def test_a_shared_prompt_prefix_is_computed_once_per_task(mt, tiny_llama, tmp_path):
     head = prompt(mt, 7, words=10)
     first, second = head + prompt(mt, 1), head + prompt(mt, 2)
-    engine = Engine(mt, max_num_seqs=2)
+    engine = Engine(mt, max_num_seqs=2, block_size=4)
     engine.generate([first], ["qa"], GREEDY)
     before = engine.stats()
     answer = engine.generate([second], ["qa"], GREEDY)[0]
     after = engine.stats()
-    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b) // 4 * 4  # whole blocks
+    assert shared >= 8
     assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == len(second) - shared
     assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == shared
+    assert after["prefix_cache_queries"] - before["prefix_cache_queries"] == len(second)
+    assert 0 < after["prefix_cache_usage"] <= 1
     assert answer.new_token_ids == alone(mt, second, "qa")
     # K and V depend on the adapter: another task computes the whole prompt
     assert engine.generate([second], ["sum"], GREEDY)[0].new_token_ids == alone(mt, second, "sum")

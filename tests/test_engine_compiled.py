@@ -1,9 +1,13 @@
 """The compiled decode step (torch.compile): compiled in the background, then taken, and equal to eager (float32)."""
+import time
+
 import pytest
 import torch
 
+import lora
 from lora.engine import Engine, SamplingParams
 from tests.test_engine import mt, prompt  # noqa: F401 - the module's tasks fixture
+from tests.test_quant_serve import quantized_adapters
 
 GREEDY = SamplingParams(max_tokens=10, min_tokens=10)
 
@@ -36,3 +40,24 @@ def test_captured_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
 @pytest.mark.slow  # inductor compiles for minutes on a 2-core CPU: pytest -m slow
 def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
     answers_as_eager(mt, "inductor")
+
+
+@pytest.mark.slow  # tracing its seven kinds of decode step takes ~10 s: pytest -m slow
+def test_a_quantized_base_decodes_compiled_and_as_eager(tiny_llama, tiny_tokenizer, tmp_path):
+    """Base steps run compiled; a task's steps (per-token hooks, or a blend's hooks) stay eager: compiled code
+    would silently leave out hooks added after it was traced."""
+    torch._dynamo.reset()
+    quantized = lora.MultiTaskModel(tiny_llama, quantized_adapters(tiny_llama, tmp_path, "w8a16"), quantize="w8a16")
+    compiled = Engine(quantized, max_num_seqs=2, enforce_eager=False, compile_backend="eager")
+    ids = tiny_tokenizer("What colour is the apple?")["input_ids"]
+    tasks = [None, "qa", {"qa": 0.5, "sum": 0.5}]
+    expected = [Engine(quantized, max_num_seqs=2).generate([ids], [t], GREEDY)[0].new_token_ids for t in tasks]
+    assert len({tuple(e) for e in expected}) == 3  # the tasks change the answer
+    while compiled.stats()["compiled_decode"] == "compiling":  # pytest's --timeout bounds this
+        time.sleep(0.1)
+    assert compiled.stats()["compiled_decode"] == "ready", "compiling failed (the captured log says why)"
+    for task, answer in zip(tasks, expected):
+        steps = compiled.stats()["compiled_steps_total"]
+        assert compiled.generate([ids], [task], GREEDY)[0].new_token_ids == answer, task
+        compiled_now = compiled.stats()["compiled_steps_total"] - steps
+        assert (compiled_now >= GREEDY.max_tokens - 1) == (task is None)  # base: compiled

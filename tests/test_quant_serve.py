@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora.cli import main
 from lora.engine import Engine, SamplingParams
-from lora.quant import model_quantization
+from lora.quant import Int8Linear, dequantize_model, model_quantization
 
 from .conftest import PROMPT, THINGS
 
@@ -53,6 +54,7 @@ def packed_weights(model):
 def test_mixed_batches_over_a_quantized_base_answer_as_each_request_alone(quantized):
     method, _, mt = quantized
     assert not mt.merges
+    assert isinstance(mt.pretrained_model.lm_head, Int8Linear) == (method == "w8a16")  # w8a16: the head too
     before = packed_weights(mt.pretrained_model)
     assert before  # the base really is packed
     tasks = ["qa", None, "sum", "emb", {"qa": 0.5, "sum": 0.5}, "qa", "sum", None]
@@ -76,7 +78,7 @@ def test_a_task_applied_over_a_quantized_base_is_its_lora_model_and_leaves_no_tr
             with mt.apply_downstream(task) as model:
                 assert mt.active == ((task, 1.0),)
                 got = model(ids).logits
-            reference = lora.load_model(tiny_llama, quantize=method)[0]
+            reference = lora.load_model(tiny_llama, quantize=method, quantize_head=method == "w8a16")[0]
             lora.load_adapter(reference, mapper[task])  # LoRA layers over the same quantized base
             torch.testing.assert_close(got, reference(ids).logits, rtol=1e-4, atol=1e-4)
             assert not torch.equal(got, base)
@@ -101,3 +103,41 @@ def test_generate_and_serve_take_quantize_and_int8_means_w8a16(tiny_llama, tmp_p
     with pytest.raises(SystemExit):
         main(["serve", "--model", tiny_llama, "--quantize", "int4"])
     assert "argument --quantize: invalid choice: 'int4'" in capsys.readouterr().err
+    for flags, message in ((["--quantize-head"], "the output head needs a quantized base: add --quantize int8"),
+                           (["--quantize", "nf4", "--quantize-head"], "output head is offered for w8a16")):
+        assert main(["generate", "--model", tiny_llama, "--instruction", "Hi", "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def tied_llama(tokenizer):
+    """A tiny Llama whose output head is its input embedding, as SmolLM2's is."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                         vocab_size=len(tokenizer), initializer_range=0.1, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_w8a16_serving_quantizes_a_tied_output_head_unties_it_and_keeps_logits_close(tiny_tokenizer, tmp_path):
+    ids = torch.tensor([tiny_tokenizer("What colour is the apple?")["input_ids"]])
+    model = tied_llama(tiny_tokenizer)
+    with torch.no_grad():
+        float_head = lora.MultiTaskModel(model, tokenizer=tiny_tokenizer, quantize="w8a16", quantize_head=False)
+        assert type(float_head.pretrained_model.lm_head) is nn.Linear
+        reference = float_head.pretrained_model(ids).logits
+        mt = lora.MultiTaskModel(tied_llama(tiny_tokenizer), tokenizer=tiny_tokenizer, quantize="w8a16")
+        head, embedding = mt.pretrained_model.lm_head, mt.pretrained_model.model.embed_tokens
+        assert isinstance(head, Int8Linear) and head.weight.dtype == torch.int8
+        assert embedding.weight.dtype == torch.float32  # the embedding lookup stays float: only the head is int8
+        assert not mt.pretrained_model.config.tie_word_embeddings
+        torch.testing.assert_close(embedding.weight, model.model.embed_tokens.weight, rtol=0, atol=0)
+        logits = mt.pretrained_model(ids).logits
+    assert not torch.equal(logits, reference)
+    assert ((logits - reference).norm() / reference.norm()) < 0.02  # per-row int8 rounding of the head only
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    dequantize_model(mt.pretrained_model)  # the way to export: saved, the head keeps its de-quantized values
+    mt.pretrained_model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits
+        torch.testing.assert_close(saved, mt.pretrained_model(ids).logits, rtol=0, atol=0)

@@ -29,10 +29,14 @@ def add_model_arguments(p: argparse.ArgumentParser, base_prompt: str = BASE_PROM
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=list(QUANTIZE),
-                   help="run over a quantized base (its linear layers but the output head): int8 = int8 weights "
-                        "with bfloat16 activations on PyTorch's int8 weight-only kernel (the same int8 values as "
-                        "bitsandbytes' LLM.int8(), which is bnb-int8; also named w8a16); nf4 or fp4: bitsandbytes "
-                        "4-bit. Tasks then apply as per-token updates, never as merged weights")
+                   help="run over a quantized base (its linear layers): int8 = int8 weights with bfloat16 "
+                        "activations on PyTorch's int8 weight-only kernel (the same int8 values as bitsandbytes' "
+                        "LLM.int8(), which is bnb-int8; also named w8a16), the output head too; nf4 or fp4: "
+                        "bitsandbytes 4-bit, the head kept float. Tasks then apply as per-token updates, never as "
+                        "merged weights")
+    p.add_argument("--quantize_head", "--quantize-head", action=argparse.BooleanOptionalAction,
+                   help="int8/w8a16: the output head in int8 too (the default, as llama.cpp's Q8_0 files hold it); "
+                        "--no-quantize-head keeps it float")
     p.add_argument("--double_quant", "--double-quant", action="store_true",
                    help="nf4/fp4: quantize the 4-bit block scales too")
     p.add_argument("--compute_dtype", "--compute-dtype", choices=["float32", "bfloat16", "float16"],
@@ -41,9 +45,9 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def quantize_settings(args: argparse.Namespace) -> dict:
-    """MultiTaskModel's quantize, double_quant and compute_dtype from the parsed --quantize flags."""
+    """MultiTaskModel's quantize, double_quant, compute_dtype and quantize_head from the parsed --quantize flags."""
     return {"quantize": QUANTIZE.get(args.quantize or ""), "double_quant": args.double_quant,
-            "compute_dtype": args.compute_dtype}
+            "compute_dtype": args.compute_dtype, "quantize_head": args.quantize_head}
 
 
 def load_multitask(args: argparse.Namespace) -> MultiTaskModel:

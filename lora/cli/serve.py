@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> None:
                                ("--max-num-batched-tokens", args.max_num_batched_tokens, 1),
                                ("--max-chat-turns", args.max_chat_turns, 1),
                                ("--max-waiting-tokens", args.max_waiting_tokens, 1),
-                               ("--max-loras", args.max_loras, 1)):
+                               ("--max-loras", args.max_loras, 1), ("--block-size", args.block_size, 1),
+                               ("--prefix-cache-bytes", args.prefix_cache_bytes, 1)):
         if value is not None and value < least:
             raise LoraError(f"{flag} must be at least {least}, got {value}")
     for flag, seconds in (("--shutdown-timeout", args.shutdown_timeout), ("--body-timeout", args.body_timeout)):
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> None:
     settings = {"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "max_waiting": args.max_waiting,
                 "kv_cache_bytes": args.kv_cache_bytes, "max_prefill_tokens": args.max_num_batched_tokens,
                 "max_waiting_tokens": args.max_waiting_tokens, "max_loras": args.max_loras,
-                "enable_prefix_caching": args.enable_prefix_caching,
+                "enable_prefix_caching": args.enable_prefix_caching, "block_size": args.block_size,
+                "prefix_cache_bytes": args.prefix_cache_bytes, "prepack_weights": args.prepack_weights,
                 # Compiling pays on a GPU; on a CPU it takes minutes of both cores (about 15 on 2) for ~1.2x decode.
                 "enforce_eager": mt.device.type == "cpu" if args.enforce_eager is None else args.enforce_eager}
     engine = Engine(mt, **{k: v for k, v in settings.items() if v is not None})  # unset: the engine's defaults
@@ -72,7 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "4,194,304); past it, 429")
     p.add_argument("--max-loras", type=int, help="the most distinct tasks in one engine step (default: no limit)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the K/V of a prompt prefix a finished request of the same task left (default: on)")
+                   help="reuse the K/V of a prompt prefix that an earlier or running request of the same task "
+                        "computed (default: on)")
+    p.add_argument("--block-size", type=int, help="tokens per prefix-cache block (default: 16)")
+    p.add_argument("--prefix-cache-bytes", type=int,
+                   help="memory for cached prefix blocks, written as they fill (default: 512 MiB)")
+    p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="run batched decode steps on oneDNN-prepacked copies of the linear weights (1.25-1.4x per step "
+                        "on a CPU, one more copy of those weights in memory; default: on for float32 on a CPU)")
     p.add_argument("--max-chat-turns", type=int, default=256, help="the most messages in one chat request")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive; then 408 (a stalled client holds nothing)")

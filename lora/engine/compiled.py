@@ -102,7 +102,7 @@ class CompiledDecode:
         start = time.perf_counter()
         say("compiling the decode step in the background (torch.compile; --enforce-eager turns it off); "
             "eager steps serve meanwhile")
-        scratch = SlotCache(self._cache.slots, self._cache.max_len, prefix_caching=False)
+        scratch = SlotCache(self._cache.slots, self._cache.max_len)
         kinds = [([0], 2), ([0], 3), ([1], 3), ([0, 1], 3), ([0, 1], 4), ([0, 2], 4), ([0, 2], 5)]
         try:
             with torch.no_grad():

@@ -2,10 +2,10 @@
 
 Per layer K and V have shape (slots, kv heads, max_len, head dim). A request takes a free slot when it is
 admitted and gives it back when it finishes; requests wait for a slot, they never run out of memory.
-Prefix reuse: a free slot remembers which tokens (of which task) its K/V hold, and a new request of the
-same task takes the free slot sharing the longest prefix with its prompt and computes only the rest (a
-task's prompt format, a system prompt, earlier turns of a chat). K and V depend on the adapter, so the
-task is part of the key, and `forget()` drops every record when tasks may have been re-registered.
+Prefix caching (prefix_cache.py): an admitted request's longest cached prefix (of its task) is copied into its
+slot and only the rest is computed; the full blocks it computes are copied into the prefix cache after each
+step, and those of its answer when it finishes (earlier turns of a chat). `forget()` drops every block when
+tasks may have been re-registered.
 Memory is allocated uninitialised and zeroed in blocks only as far as sequences reach, so an idle cache
 costs address space, not RAM; masked-out positions must hold finite values (0 * NaN is NaN).
 """
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
-from .request import Request, Spec
+from .prefix_cache import Chain, PrefixCache
+from .request import Request
 
 ZERO_BLOCK = 256  # positions zeroed at a time as sequences first reach them (see reach)
 
@@ -31,51 +32,60 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
 class SlotCache:
     """K/V per layer in `slots` slots of `max_len` positions; a running request owns one slot."""
 
-    def __init__(self, slots: int, max_len: int, prefix_caching: bool = True) -> None:
-        self.slots, self.max_len, self.zeroed, self.prefix_caching = slots, max_len, 0, prefix_caching
+    def __init__(self, slots: int, max_len: int, prefix: PrefixCache | None = None) -> None:
+        self.slots, self.max_len, self.zeroed, self.prefix = slots, max_len, 0, prefix
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._free = list(range(slots))
-        self._held: dict[int, tuple[Spec, np.ndarray]] = {}  # free slot -> (task, tokens its K/V hold)
-        self._scrubbed: set[int] = set()  # slots a failed request zeroed: they hold nothing
+        self._chains: dict[int, Chain] = {}  # running slot -> how far its sequence is in the prefix cache
+        self._scrubbed: set[int] = set()  # slots a failed request zeroed: nothing of them is worth keeping
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up, and found (vLLM's counters)
 
     def allocate(self, request: Request) -> bool:
-        """Give the request the free slot holding the longest prefix of its prompt (else the lowest free slot)
-        and mark that prefix computed; False when every slot is taken (it waits)."""
+        """Give the request the lowest free slot with its prompt's longest cached prefix copied in, and mark that
+        prefix computed; False when every slot is taken (it waits)."""
         if not self._free:
             return False
         self._free.sort()
-        best, hit = self._free[0], 0
-        for slot in [] if request.echo else self._free:  # echo needs every prompt position's logits: no reuse
-            spec, tokens = self._held.get(slot, (None, None))
-            if tokens is not None and spec == request.spec:
-                n = min(len(tokens), len(request.prompt))
-                differ = np.flatnonzero(tokens[:n] != request.prompt[:n])
-                shared = int(differ[0]) if len(differ) else n
-                if shared > hit:
-                    best, hit = slot, shared
-        self._free.remove(best)
-        self._held.pop(best, None)
-        request.slot = best
-        request.computed = min(hit, len(request.prompt) - 1)  # the last prompt token runs: its logits are needed
+        request.slot = self._free.pop(0)
+        request.computed = 0
+        if self.prefix is None:
+            return True
+        blocks = [] if request.echo else self.prefix.match(request.spec, request.prompt[:-1])  # echo: every
+        # prompt position's logits are needed; and the last prompt token always runs: its logits are needed
+        if blocks:
+            request.computed = len(blocks) * self.prefix.block_size
+            self.reach(request.computed)
+            self.prefix.load(blocks, self.layers, request.slot)
+        self._chains[request.slot] = Chain(len(blocks), blocks[-1].id if blocks else -1, {b.id for b in blocks})
         self.prefix_queries += len(request.prompt)
         self.prefix_hits += request.computed
         return True
 
+    def keep(self, request: Request) -> None:
+        """Copy the full blocks of the request's computed tokens that the prefix cache lacks into it."""
+        chain = self._chains.get(request.slot)
+        if chain is None or self.prefix is None or request.slot in self._scrubbed:
+            return
+        held = np.concatenate([request.prompt, request.tokens[:-1]]).astype(np.int32) \
+            if request.decoding and request.tokens else request.prompt[:request.computed]
+        if len(held) >= (chain.blocks + 1) * self.prefix.block_size:
+            self.prefix.store(request.spec, held, chain, self.layers, request.slot)
+
     def free(self, request: Request) -> None:
-        """Take the slot back, remembering the tokens whose K/V it holds (the last sampled token has none)."""
-        if request.slot >= 0 and self.prefix_caching and request.slot not in self._scrubbed:
-            held = np.concatenate([request.prompt, request.tokens[:-1]]) if request.decoding and request.tokens \
-                else request.prompt[:request.computed]
-            self._held[request.slot] = (request.spec, held.astype(np.int32))
+        """Take the slot back, keeping the blocks of its answer too (the last sampled token has no K/V)."""
         if request.slot >= 0:
+            self.keep(request)
+            self._chains.pop(request.slot, None)
             self._scrubbed.discard(request.slot)
             self._free.append(request.slot)
             request.slot = -1
 
     def forget(self) -> None:
-        """Drop every record of what free slots hold (a task may now mean other weights)."""
-        self._held.clear()
+        """Drop every cached block, and stop keeping those of running requests (a task may now mean other
+        weights: what they computed so far used the old ones)."""
+        if self.prefix is not None:
+            self.prefix.clear()
+        self._chains.clear()
 
     def scrub(self, request: Request) -> None:
         """Zero the request's slot: a failed step may have left inf or NaN there, which even masked-out
@@ -89,6 +99,10 @@ class SlotCache:
     def usage(self, tokens: int) -> float:
         """The fraction of the cache that `tokens` positions in use fill."""
         return tokens / (self.slots * self.max_len)
+
+    def prefix_usage(self) -> float:
+        """The fraction of the prefix cache's blocks that hold a prefix (0 when it is off)."""
+        return len(self.prefix) / self.prefix.max_blocks if self.prefix is not None else 0.0
 
     def layer(self, index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer index's (K, V), allocated at its first use with the shape and dtype of `like`'s heads."""

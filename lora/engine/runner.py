@@ -29,6 +29,7 @@ from . import sampler
 from .attention import ATTENTION, ChunkRows, SlotAttention
 from .compiled import IDS, KEEP, LENGTH, POSITION, SLOT, TASK, CompiledDecode
 from .kv_cache import SlotCache
+from .packed import PackedLinears
 from .request import Request, Spec
 from .scheduler import StepPlan
 
@@ -115,7 +116,7 @@ class ModelRunner:
 
     def __init__(self, tasks: Tasks, cache: SlotCache, eos: list[int], *, max_tokens: int, mode: str,
                  merge_after: int, max_loras: int | None = None, enforce_eager: bool = True,
-                 compile_backend: str = "inductor") -> None:
+                 compile_backend: str = "inductor", prepack_weights: bool = False) -> None:
         self.tasks, self.model, self.cache = tasks, tasks.pretrained_model, cache
         self.device, self.mode, self.merge_after, self.max_loras = tasks.device, mode, merge_after, max_loras
         self.model.set_attn_implementation(ATTENTION)
@@ -131,6 +132,7 @@ class ModelRunner:
         self._mixed: MixedTasks | None = None
         self._merged_steps = 0
         self._spec: Spec = None
+        self.packed = PackedLinears(self.model) if prepack_weights else None
         self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device, tasks.lock,
                                                                     compile_backend)
 
@@ -212,9 +214,17 @@ class ModelRunner:
                 mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
                 context = mixed.attached()
             forward: Any = self.model
-            if mixed is None and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
+            # Compiled code ignores forward hooks added after it was traced (dynamo does not guard on them), so it
+            # runs only steps with no task's update by hooks: plain or merged weights, or a quantized base's steps
+            # whose mixed updates hold no task (over a quantized base a task activated is forward hooks too).
+            plain = not mixed.tasks if mixed is not None else self.tasks.merges or self._spec is None
+            if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
                 forward = self.compiled  # a decode step on plain or merged weights
-            with context:
+            packed: AbstractContextManager[None] = contextlib.nullcontext()
+            if forward is self.model and self.packed is not None and not plan.chunks and n > 1:  # see engine.packed
+                merged = None if mixed is not None or self._spec is None else (self._spec, self.tasks.registrations)
+                packed = self.packed.attached(merged)
+            with context, packed:
                 logits = forward(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
                                  attention_mask=self._no_mask, use_cache=False,
                                  logits_to_keep=inputs[KEEP, :layout.kept], lora_step=attention).logits[0].float()

@@ -54,6 +54,15 @@ class Metrics:
                                     stats["waiting"])
             yield GaugeMetricFamily(f"{prefix}:kv_cache_usage_perc", "Fraction of the KV cache in use (0-1)",
                                     stats["kv_cache_usage"])
+            yield CounterMetricFamily(f"{prefix}:prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      stats["prefix_cache_queries"])
+            yield CounterMetricFamily(f"{prefix}:prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                      stats["prefix_cache_hits"])
+        rate = stats["prefix_cache_hits"] / stats["prefix_cache_queries"] if stats["prefix_cache_queries"] else 0
+        yield GaugeMetricFamily("lora:prefix_cache_hit_rate", "Prompt tokens found in the prefix cache, over those "
+                                "looked up, since the start (0-1)", rate)
+        yield GaugeMetricFamily("lora:prefix_cache_usage_perc", "Fraction of the prefix cache's blocks in use (0-1)",
+                                stats["prefix_cache_usage"])
         yield CounterMetricFamily("lora:prompt_tokens", "Prompt tokens processed", stats["prompt_tokens_total"])
         yield CounterMetricFamily("lora:generation_tokens", "Tokens generated", stats["generation_tokens_total"])
         # vLLM's info gauge: the adapters in the batch and waiting, as comma-separated labels; the value is

@@ -145,6 +145,15 @@ def test_metrics_in_prometheus_format(server, client):
     assert 0 < gaps <= 7  # one per token after the first (tokens that show no text yet arrive with the next)
     assert count(after, "lora:request_success_total", task="reverse", finished_reason="length") \
         == count(before, "lora:request_success_total", task="reverse", finished_reason="length") + 1
+    # the same chat again: its prompt (but the last partial block) comes from the prefix cache
+    client.chat.completions.create(model="reverse", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                   max_tokens=1)
+    again = metrics(url)
+    for prefix in ("lora", "vllm"):
+        queried = again[(f"{prefix}:prefix_cache_queries_total", ())] - after[(f"{prefix}:prefix_cache_queries_total", ())]
+        hit = again[(f"{prefix}:prefix_cache_hits_total", ())] - after[(f"{prefix}:prefix_cache_hits_total", ())]
+        assert hit > 0 and 0 < queried - hit <= 16  # blocks of 16 tokens; the last prompt token always runs
+    assert 0 < again[("lora:prefix_cache_hit_rate", ())] <= 1 and 0 < again[("lora:prefix_cache_usage_perc", ())] <= 1
 
 
 @pytest.mark.long

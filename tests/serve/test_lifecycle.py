@@ -178,6 +178,10 @@ def test_startup_refuses_settings_that_cannot_work(tiny_llama, adapters, capsys)
     from lora.cli import main
     assert main(["serve", "--model", tiny_llama, "--max-waiting", "0"]) == 2
     assert "--max-waiting must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--model", tiny_llama, "--block-size", "0"]) == 2
+    assert "--block-size must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "--model", tiny_llama, "--prefix-cache-bytes", "1000"]) == 2
+    assert "holds no block of 16 tokens" in capsys.readouterr().err
     # A task named like the served base model would be listed twice and answered by the base.
     mt = MultiTaskModel(tiny_llama, {"tiny": adapters[0]["color"]})
     with pytest.raises(LoraError, match="task 'tiny' has the served model's name"):

@@ -1,0 +1,91 @@
+"""Prefix caching: a prompt's cached blocks (per task) are reused by later and concurrent requests, survive their
+slot, stay within their memory budget, and every answer equals the same request alone (float32)."""
+import pytest
+import torch
+
+from lora.engine import Engine, SamplingParams, kv_bytes_per_token
+from tests.test_engine import GREEDY, alone, collector, mt, prompt, run_until_done  # noqa: F401 - mt: a fixture
+
+BLOCK = 4
+
+
+def shared_blocks(a, b):
+    """Tokens of whole blocks that a and b share, within b's prompt but its last token (which always runs)."""
+    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return min(shared, len(b) - 1) // BLOCK * BLOCK
+
+
+@pytest.fixture()
+def head(mt):  # noqa: F811 - the fixture imported above
+    return prompt(mt, 7, words=10)
+
+
+def test_a_running_requests_prefix_serves_requests_that_arrive_while_it_runs(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=4, block_size=BLOCK)
+    outputs, tokens, on_output = collector()
+    first = head + prompt(mt, 1)
+    long_id = engine.add_request(first, "qa", SamplingParams(max_tokens=30, min_tokens=30), on_output)
+    engine.step()  # its prompt is computed; it keeps decoding
+    others = [head + prompt(mt, i) for i in (2, 3, 4)]
+    ids = [engine.add_request(p, "qa", GREEDY, on_output) for p in others]
+    before = engine.stats()
+    run_until_done(engine, outputs, ids)
+    assert not outputs[long_id].finished  # the three were served while the first still ran
+    hits = engine.stats()["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert hits == sum(shared_blocks(first, p) for p in others) and hits >= 3 * 8
+    run_until_done(engine, outputs, [long_id])
+    assert tokens[long_id] == alone(mt, first, "qa", SamplingParams(max_tokens=30, min_tokens=30))
+    for i, p in zip(ids, others):
+        assert tokens[i] == alone(mt, p, "qa")
+
+
+def test_a_cached_prefix_outlives_its_slot_and_is_kept_per_task(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=1, block_size=BLOCK)
+    first, second = head + prompt(mt, 1), head + prompt(mt, 2)
+    engine.generate([first], ["qa"], GREEDY)
+    other = prompt(mt, 5, words=6)[::-1]  # shares no block with `second`
+    engine.generate([other], ["sum"], GREEDY)  # another task's request takes the only slot
+    before = engine.stats()
+    assert engine.generate([second], ["qa"], GREEDY)[0].new_token_ids == alone(mt, second, "qa")
+    assert engine.stats()["prefix_cache_hits"] - before["prefix_cache_hits"] == shared_blocks(first, second)
+    # the same tokens under another task are other K/V: no hit until that task computed them
+    before = engine.stats()
+    assert engine.generate([second], ["sum"], GREEDY)[0].new_token_ids == alone(mt, second, "sum")
+    assert engine.stats()["prefix_cache_hits"] == before["prefix_cache_hits"]
+
+
+def test_a_chat_turn_reuses_the_previous_turns_answer(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=2, block_size=BLOCK)
+    answer = engine.generate([head], ["qa"], GREEDY)[0].new_token_ids
+    follow_up = head + answer + prompt(mt, 3)
+    before = engine.stats()
+    assert engine.generate([follow_up], ["qa"], GREEDY)[0].new_token_ids == alone(mt, follow_up, "qa")
+    # the answer's last token was never fed back, so its K/V are not cached: the blocks before it are
+    cached = (len(head) + len(answer) - 1) // BLOCK * BLOCK
+    assert engine.stats()["prefix_cache_hits"] - before["prefix_cache_hits"] == cached
+
+
+def test_the_prefix_cache_stays_within_its_bytes_and_evicts_least_recently_used(mt):  # noqa: F811
+    block_bytes = BLOCK * kv_bytes_per_token(mt.pretrained_model.config, torch.float32)
+    engine = Engine(mt, max_num_seqs=1, block_size=BLOCK, prefix_cache_bytes=3 * block_bytes)
+    once = SamplingParams(max_tokens=1)
+    three, two = prompt(mt, 0, words=12)[:3 * BLOCK + 1], prompt(mt, 9, words=12)[::-1][:2 * BLOCK + 1]
+    engine.generate([three], ["qa"], once)
+    assert engine.stats()["prefix_cache_usage"] == 1.0  # three blocks: the pool is full
+    engine.generate([two], ["qa"], once)  # takes two blocks: the deepest two of `three` go, its first stays
+    before = engine.stats()
+    assert engine.generate([three], ["qa"], GREEDY)[0].new_token_ids == alone(mt, three, "qa")
+    assert engine.stats()["prefix_cache_hits"] - before["prefix_cache_hits"] == BLOCK
+    assert engine.stats()["prefix_cache_usage"] == 1.0
+    with pytest.raises(Exception, match="holds no block"):
+        Engine(mt, block_size=BLOCK, prefix_cache_bytes=block_bytes - 1)
+
+
+def test_prefix_caching_off_computes_every_prompt(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=2, block_size=BLOCK, enable_prefix_caching=False)
+    first, second = head + prompt(mt, 1), head + prompt(mt, 2)
+    engine.generate([first], ["qa"], GREEDY)
+    assert engine.generate([second], ["qa"], GREEDY)[0].new_token_ids == alone(mt, second, "qa")
+    stats = engine.stats()
+    assert stats["prefix_cache_hits"] == 0 and stats["prefix_cache_usage"] == 0
+    assert stats["prompt_tokens_total"] == len(first) + len(second)
