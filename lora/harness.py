@@ -70,7 +70,10 @@ def run_lm_eval(base_url: str, model: str, tokenizer_path: str, tasks: list[str]
     lm_eval = lm_eval_module()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing downloads: only tasks whose data is on disk run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    manager = lm_eval.tasks.TaskManager(include_path=include_path)
+    # Indexing lm-eval's own tasks parses thousands of YAML files (tens of seconds): only when one is asked for.
+    manager = lm_eval.tasks.TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = lm_eval.tasks.TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise LoraError(f"lm-eval knows no task {unknown[0]!r}; give an lm-eval task name or an Alpaca test set file")

@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy
 import torch
 
 from .errors import LoraError
@@ -194,7 +194,7 @@ class Matcher:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed tokens into row `row` of a CPU bitmask from `allocate_bitmask(n, self.vocab_size)`."""
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        llguidance.numpy.fill_next_token_bitmask(self._matcher, bitmask.numpy(), row)  # the same memory
 
     def allowed_mask(self, vocab_size: int) -> torch.Tensor:
         """Bool [vocab_size]: True for each token this request may sample next."""

@@ -4,11 +4,9 @@ import json
 import random
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-torch.set_num_threads(1)  # two threads on two shared cores wait on each other; tiny models need one
+# torch, tokenizers and transformers are imported where used: pytest-xdist's controller process loads this file
+# too, and runs no test.
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 THINGS = ["apple", "river", "stone", "cloud", "tiger", "lamp", "piano", "garden", "rocket", "candle",
@@ -17,6 +15,18 @@ PROMPT = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
 # ChatML as SmolLM2-Instruct writes it, with the tiny tokenizer's one special token ending each turn.
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Two threads on two shared cores wait on each other; tiny models need one (each xdist worker has its own)."""
+    import torch
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items):
+    """Long tests first: under pytest-xdist one left for the end would keep one worker busy while the others idle."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
 
 
 def make_records(n, seed=0, task="color"):
@@ -34,6 +44,9 @@ def make_records(n, seed=0, task="color"):
 
 
 def train_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     corpus = [PROMPT] + [json.dumps(r) for t in ("color", "reverse") for r in make_records(200, 1, t)]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,6 +60,9 @@ def train_tokenizer(path):
 
 
 def save_tiny_model(kind, path, tokenizer, seed=0):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.eos_token_id)
@@ -115,6 +131,7 @@ def finetune_argv(model, task, checkpoint_dir, *extra):
 
 def make_adapter(base_path, folder, targets, seed, r=4):
     """A random (seeded) adapter that visibly changes the base model's answers."""
+    import torch
     import torch.nn as nn
 
     import lora

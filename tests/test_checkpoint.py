@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -40,6 +39,7 @@ def test_peft_loads_our_checkpoint_with_same_logits(request, tmp_path, fixture, 
     lora.save_adapter(model, tmp_path / "ckpt", base_model_name_or_path=path)
     config = json.loads((tmp_path / "ckpt" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is True
+    from peft import PeftModel  # here, not at the top: importing PEFT (and bitsandbytes) costs every worker a second
     peft_model = PeftModel.from_pretrained(lora.load_model(path)[0], tmp_path / "ckpt")
     assert (peft_model(IDS).logits - ours).abs().max() < 1e-4
 
@@ -52,6 +52,7 @@ def test_peft_loads_our_checkpoint_with_same_logits(request, tmp_path, fixture, 
     ("tiny_gpt2", dict(target_modules=["wte", "c_attn"], r=2, lora_alpha=4)),
 ])
 def test_we_load_peft_checkpoints_with_same_logits(request, tmp_path, fixture, peft_config):
+    from peft import LoraConfig, get_peft_model  # see above
     path = request.getfixturevalue(fixture)
     torch.manual_seed(0)
     peft_model = get_peft_model(lora.load_model(path)[0], LoraConfig(init_lora_weights=False, **peft_config))

@@ -1,9 +1,9 @@
 """torchrun data parallelism on CPU: 2 gloo processes train the adapter 1 process does, and resume across sizes."""
 import json
 import os
-import subprocess
-import sys
+import signal
 
+import pytest
 import torch
 
 from lora.cli import main
@@ -29,7 +29,8 @@ def assert_same_run(a, b):
         assert abs(x[key] - y[key]) < 1e-5 * abs(x[key]), (x, y)
 
 
-def test_two_gloo_processes_train_the_adapter_of_one_and_resume_with_one(tiny_llama, tmp_path):
+@pytest.mark.long
+def test_two_gloo_processes_train_the_adapter_of_one_and_resume_with_one(tiny_llama, tmp_path, monkeypatch, capfd):
     # 42 examples, global batch 8: the last batch has 2 examples, so process 1 gets none of it and runs a
     # zero-weight micro-step to take part in the all-reduce; accumulation exercises no_sync.
     task = write_task(tmp_path / "task", n=42)
@@ -38,12 +39,22 @@ def test_two_gloo_processes_train_the_adapter_of_one_and_resume_with_one(tiny_ll
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["finetune", *finetune_argv(tiny_llama, task, one, *common, "--batch_size", 8)]) == 0
 
+    # `lora finetune --nproc_per_node 2` run here: torchrun's agent starts two `python -m lora` processes (from
+    # ROOT, this checkout), one thread each, and sets its own signal handlers in this thread: they are put back.
     argv = finetune_argv(tiny_llama, task, two, *common, "--batch_size", 2, "--gradient_accumulation_steps", 2,
                          "--nproc_per_node", 2)
-    result = subprocess.run([sys.executable, "-m", "lora", "finetune", *argv], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "in 2 processes" in result.stderr and result.stderr.count("Saved adapter to") == 1
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    capfd.readouterr()
+    try:
+        code = main(["finetune", *argv])
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    stderr = capfd.readouterr().err
+    assert code == 0, stderr[-3000:]
+    assert "in 2 processes" in stderr and stderr.count("Saved adapter to") == 1
     assert_same_run(one, two)
     assert len(rows(one)) == 6 + 1  # six steps and one validation: process 1 wrote nothing
 

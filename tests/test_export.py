@@ -1,4 +1,5 @@
 """lora export: llama.cpp adapter GGUFs (format, loader checks, q/k order, round trip), merged GGUF/folder, Ollama."""
+import functools
 import json
 import os
 
@@ -12,6 +13,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 import lora
 from lora.cli import main as lora_cli
+from lora.gguf_adapter import GGUFReader
 from lora.gguf_layout import rope_reorder
 from lora.models import resolve_model_path, smollm2_gguf
 from lora.prompts import prompt_ids
@@ -42,9 +44,15 @@ def merged_logits(base, adapter, ids):
 
 
 def gguf_values(path):
-    reader = gguf.GGUFReader(path)
+    reader = GGUFReader(path)
     meta = {f.name: f.contents() for f in reader.fields.values()}
     return reader, meta, {t.name: t for t in reader.tensors}
+
+
+@functools.cache
+def default_gguf():
+    """The default model's own GGUF, parsed once for the tests that read it (read-only)."""
+    return gguf_values(smollm2_gguf())
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +125,14 @@ def dequantized(tensor):
 
 
 @needs_smollm2
+@pytest.mark.long
 def test_qk_reordering_matches_the_default_models_own_gguf(tmp_path):
     """SmolLM2's GGUF attn_q/attn_k are its HF weights reordered; the exported q/k updates are reordered the same way."""
     folder = resolve_model_path("smollm2-135m")
     names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v"}
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         hf = {p: f.get_tensor(f"model.layers.0.self_attn.{p}.weight") for p in names}
-    _, _, base = gguf_values(smollm2_gguf())
+    _, _, base = default_gguf()
     heads = {"q_proj": 9, "k_proj": 3, "v_proj": None}  # SmolLM2-135M: 9 query heads, 3 key/value heads
     for proj, gguf_name in names.items():
         order = (lambda w: w) if heads[proj] is None else (lambda w, h=heads[proj]: rope_reorder(w, h))
@@ -151,10 +160,11 @@ def test_merged_folder_loads_in_plain_transformers_with_the_switchs_logits(tiny_
 
 
 @needs_smollm2
+@pytest.mark.long
 def test_gguf_merged_keeps_the_base_and_folds_the_task(tmp_path):
     adapter = random_adapter("smollm2-135m", tmp_path / "qv", [r"model\.layers\.1\.self_attn\.[qv]_proj"], r=4, alpha=8)
     out = lora.export_gguf_merged(adapter, tmp_path / "merged.gguf", outtype="f32")
-    _, base_meta, base = gguf_values(smollm2_gguf())
+    _, base_meta, base = default_gguf()
     _, meta, merged = gguf_values(out)
     for key in ("tokenizer.chat_template", "tokenizer.ggml.tokens", "llama.attention.head_count", "general.name"):
         assert meta[key] == base_meta[key]

@@ -2,8 +2,8 @@
 import json
 import os
 import re
+import runpy
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -21,19 +21,24 @@ def adapter_tensors(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
-def test_seed_command_trains_and_loss_goes_down(tiny_llama, task_dir, tmp_path):
+def test_seed_command_trains_and_loss_goes_down(tiny_llama, task_dir, tmp_path, monkeypatch, capfd):
+    """`python finetune.py ...` as the seed's users run it, as __main__ in this process (a fresh process costs
+    seconds of imports; test_distributed and serve's test_lifecycle start `python -m lora` ones)."""
     ckpt = tmp_path / "ckpt"
     argv = finetune_argv(tiny_llama, task_dir, ckpt, "--num_epochs", 3, "--learning_rate", 1e-2, "--lora_dropout", 0,
                          "--validation_data_path", task_dir / "validation.json", "--save_steps", 4)
-    result = subprocess.run([sys.executable, "finetune.py", *argv], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "argv", ["finetune.py", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(os.path.join(ROOT, "finetune.py"), run_name="__main__")
+    stderr = capfd.readouterr().err
+    assert exited.value.code == 0, stderr
     assert {"epoch-1", "epoch-2", "epoch-3", "step-4", "final", "metrics.jsonl", "loss.png"} <= set(os.listdir(ckpt))
     rows = [json.loads(line) for line in open(ckpt / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
-    assert "validation loss" in result.stderr and "tok_s" in result.stderr
+    assert "validation loss" in stderr and "tok_s" in stderr
     task = json.loads((ckpt / "final" / "lora_task.json").read_text())
     assert task["prompt_format"] == (task_dir / "prompt_format.txt").read_text()
     assert task["training_args"]["num_epochs"] == 3

@@ -75,6 +75,11 @@ class CompiledDecode:
         with torch.compiler.set_stance("eager_on_recompile"):
             return self.forward(**inputs)
 
+    @property
+    def state(self) -> str:
+        """"compiling", "ready" (decode steps run compiled) or "failed" (they stay eager; the log says why)."""
+        return "ready" if self.ready.is_set() else "failed" if self.error is not None else "compiling"
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until compiling ends (True when the compiled step is ready)."""
         self._thread.join(timeout)

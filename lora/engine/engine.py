@@ -190,12 +190,15 @@ class Engine:
         with self._cond:
             running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)
         used = sum(len(r.prompt) + len(r.tokens) for r in running)
+        compiled = self.runner.compiled
         return {"running": len(running), "waiting": len(waiting), "kv_cache_usage": self.cache.usage(used),
                 **self.counters, "running_lora_adapters": sorted({n for r in running for n in r.task_names}),
                 "waiting_lora_adapters": sorted({n for r in waiting for n in r.task_names}),
                 "max_lora": self.max_loras, "prefix_cache_queries": self.cache.prefix_queries,
                 "prefix_cache_hits": self.cache.prefix_hits, "prefix_cache_usage": self.cache.prefix_usage(),
-                "prepacked_steps_total": self.runner.packed.steps if self.runner.packed is not None else 0}
+                "prepacked_steps_total": self.runner.packed.steps if self.runner.packed is not None else 0,
+                "compiled_decode": "off" if compiled is None else compiled.state,  # see engine.compiled
+                "compiled_steps_total": 0 if compiled is None else compiled.steps}
 
     # ------------------------------------------------------------------ one step
 

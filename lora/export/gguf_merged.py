@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import Adapter, ModuleAdapter, fingerprint_mismatch
 from ..errors import LoraError
-from ..gguf_adapter import atomic_file, refuse_unloadable
+from ..gguf_adapter import GGUFReader, atomic_file, refuse_unloadable
 from ..gguf_layout import BY_GGUF_NAME, Layout, rope_reorder, rope_restore
 
 OUTTYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -79,7 +79,7 @@ def write_gguf_merged(adapter: Adapter, base_gguf: str, out: str, outtype: str =
     if outtype not in OUTTYPES:
         raise LoraError(f"merged tensors are written as {', '.join(OUTTYPES)}, not {outtype!r}")
     try:
-        reader = gguf.GGUFReader(base_gguf)
+        reader = GGUFReader(base_gguf)
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot read the base GGUF {base_gguf} ({e}); give the base model's .gguf file") from None
     layout = gguf_layout(reader, base_gguf)

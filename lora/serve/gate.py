@@ -18,6 +18,9 @@ BODY_TIMEOUT = 30.0
 MAX_BODY_PIECES = 8192  # a 1 MiB body sent in pieces of 128 bytes on average; TCP delivers far bigger ones
 OPEN_PATHS = ("/health",)  # no key needed
 DRAIN_OPEN_PATHS = ("/health", "/metrics")  # answered while draining (/health with 503)
+# After a 408 or 413 the rest of the body is never read, so the connection cannot carry another request: closed
+# at once, not held until the keep-alive timeout.
+CLOSE = {"Connection": "close"}
 
 
 class RequestGuard:
@@ -66,7 +69,8 @@ class RequestGuard:
         return None
 
     def too_large(self) -> APIError:
-        return APIError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large")
+        return APIError(413, f"the request body is over {self.max_body_bytes} bytes", code="request_too_large",
+                        headers=CLOSE)
 
     async def read_body(self, receive: Receive) -> bytes | APIError | None:
         """The whole body, an APIError once it passes the limit or the deadline, or None if the client left."""
@@ -87,7 +91,7 @@ class RequestGuard:
                         return b"".join(chunks)
         except TimeoutError:
             return APIError(408, f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout); "
-                            "send it whole and without pauses", code="request_timeout")
+                            "send it whole and without pauses", code="request_timeout", headers=CLOSE)
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

@@ -5,6 +5,7 @@ import time
 
 import httpx
 import openai
+import pytest
 
 from lora.chat import render_chat
 from lora.multitask import MultiTaskModel
@@ -155,6 +156,7 @@ def test_metrics_in_prometheus_format(server, client):
     assert 0 < again[("lora:prefix_cache_hit_rate", ())] <= 1 and 0 < again[("lora:prefix_cache_usage_perc", ())] <= 1
 
 
+@pytest.mark.long
 def test_load_200_requests_from_16_clients_over_4_tasks(server, client, reference):
     """Concurrent clients share the engine's steps, tasks mixed, and each answer is the one it gets alone."""
     url = server[0]

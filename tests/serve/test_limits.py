@@ -67,6 +67,7 @@ def test_chunked_body_over_the_limit_gets_413_as_it_arrives(server):
     refused = httpx.post(server[0] + "/v1/completions", content=body(), headers={"content-type": "application/json"},
                          timeout=30)
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
+    assert refused.headers["connection"] == "close"  # the unread rest cannot be parsed as a next request
 
 
 def test_huge_prompt_is_refused_while_health_stays_fast(server):
@@ -172,7 +173,7 @@ def test_chat_turns_are_limited_and_tokenizing_is_linear(server):
 
 def test_a_stalled_body_gets_408_and_tiny_chunks_cost_little(tiny_llama):
     mt = MultiTaskModel(tiny_llama)
-    with serving(create_app(mt, served_model_name="tiny", body_timeout=1.0)) as url:
+    with serving(create_app(mt, served_model_name="tiny", body_timeout=0.3)) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port)) as stalled:
             stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -182,7 +183,7 @@ def test_a_stalled_body_gets_408_and_tiny_chunks_cost_little(tiny_llama):
             answer = stalled.recv(4096)
             assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 5
             answer += b"".join(iter(lambda: stalled.recv(4096), b""))  # until the server closes it
-            assert b"--body-timeout" in answer
+            assert b"--body-timeout" in answer and b"connection: close" in answer.lower()  # closed at once
         # 1 MB in 1-byte chunks: /health keeps answering meanwhile.
         chunked = b"".join(b"1\r\n" + b"x" + b"\r\n" for _ in range(1 << 20)) + b"0\r\n\r\n"
         latencies = []

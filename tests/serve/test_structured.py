@@ -161,9 +161,12 @@ def loglikelihoods(results, task):
     return [float(sample["resps"][0][0][0]) for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
+@pytest.mark.long
 def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_peft(url, ref, mapper, chat_llama,
-                                                                                       tmp_path, capsys):
+                                                                                       tmp_path, capsys, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
+    # Each run records the environment (pip list, nvidia-smi... in subprocesses: seconds); nothing here reads it.
+    monkeypatch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
     from lora.cli import main
     from lora.harness import custom_task, run_lm_eval, tokenizer_folder
 
@@ -174,8 +177,9 @@ def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_
     served = run_lm_eval(url, "color", tokenizer_folder(ref, str(tmp_path)), ["colors"], str(tmp_path))
     hf = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": chat_llama, "peft": mapper["color"],
                                                          "device": "cpu", "dtype": "float32"},
-                                 tasks=["colors"], task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path)),
-                                 log_samples=True)
+                                 tasks=["colors"], log_samples=True,
+                                 task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path),
+                                                                        include_defaults=False))
     assert len(loglikelihoods(served, "colors")) == 5
     assert loglikelihoods(served, "colors") == pytest.approx(loglikelihoods(hf, "colors"), abs=1e-4)
     assert served["results"]["colors"]["acc,none"] == hf["results"]["colors"]["acc,none"]
