@@ -89,3 +89,13 @@ def test_prefix_caching_off_computes_every_prompt(mt, head):  # noqa: F811
     stats = engine.stats()
     assert stats["prefix_cache_hits"] == 0 and stats["prefix_cache_usage"] == 0
     assert stats["prompt_tokens_total"] == len(first) + len(second)
+
+
+def test_a_prefix_cache_that_cannot_be_allocated_turns_itself_off_and_fails_no_request(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=2, block_size=BLOCK, prefix_cache_bytes=1 << 62)  # far past any machine
+    prompts = [head + prompt(mt, 1), head + prompt(mt, 2)]
+    for p in prompts:  # the first store fails: caching stops, the request and the engine go on
+        answer = engine.generate([p], ["qa"], GREEDY)[0]
+        assert answer.error is None and answer.new_token_ids == alone(mt, p, "qa")
+    assert engine.dead is None
+    assert engine.stats()["prefix_cache_hits"] == 0 and engine.stats()["prefix_cache_usage"] == 0

@@ -11,12 +11,16 @@ costs address space, not RAM; masked-out positions must hold finite values (0 * 
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from transformers import PretrainedConfig
 
 from .prefix_cache import Chain, PrefixCache
 from .request import Request
+
+log = logging.getLogger("lora.engine")
 
 ZERO_BLOCK = 256  # positions zeroed at a time as sequences first reach them (see reach)
 
@@ -69,7 +73,12 @@ class SlotCache:
         held = np.concatenate([request.prompt, request.tokens[:-1]]).astype(np.int32) \
             if request.decoding and request.tokens else request.prompt[:request.computed]
         if len(held) >= (chain.blocks + 1) * self.prefix.block_size:
-            self.prefix.store(request.spec, held, chain, self.layers, request.slot)
+            try:
+                self.prefix.store(request.spec, held, chain, self.layers, request.slot)
+            except Exception:  # noqa: BLE001 - a cache must never fail a request (e.g. its pool cannot be allocated)
+                log.exception("the prefix cache failed; prefix caching is off from now on")
+                self.prefix.clear()  # blocks registered before the failed copy would hold no K/V
+                self.prefix = None
 
     def free(self, request: Request) -> None:
         """Take the slot back, keeping the blocks of its answer too (the last sampled token has no K/V)."""

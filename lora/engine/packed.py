@@ -42,13 +42,15 @@ class PackedLinears:
     def attached(self, merged: Hashable) -> Iterator[None]:
         """The model's linear layers run on packed weights for one forward. `merged`: what the model's merged
         weights were built for (the task spec and registrations), or None when it runs on its base weights."""
-        for m in self.modules:
-            m.forward = self._forward(m, self._packed_weight(m, merged))  # type: ignore[method-assign]
-        self.steps += 1
-        try:
+        attached: list[torch.nn.Linear] = []
+        try:  # packing can fail part way (out of memory): a packed forward left behind would outlive a switch
+            for m in self.modules:
+                m.forward = self._forward(m, self._packed_weight(m, merged))  # type: ignore[method-assign]
+                attached.append(m)
+            self.steps += 1
             yield
         finally:
-            for m in self.modules:
+            for m in attached:
                 del m.forward  # back to the class's forward
 
     def _packed_weight(self, module: torch.nn.Linear, merged: Hashable) -> torch.Tensor:

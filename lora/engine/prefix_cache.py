@@ -50,7 +50,8 @@ class PrefixCache:
         self.block_size, self.max_blocks = block_size, max_blocks
         self.pool: dict[int, torch.Tensor] = {}  # layer -> (2, max_blocks, kv heads, block_size, head dim)
         self._blocks: OrderedDict[tuple[Spec, int, bytes], Block] = OrderedDict()  # least recent first
-        self._free = list(range(max_blocks))
+        self._free: list[int] = []  # places freed by eviction
+        self._unused = 0  # places below this were handed out once (a count, not a list: max_blocks may be large)
         self._ids = itertools.count()
 
     def __len__(self) -> int:
@@ -94,10 +95,13 @@ class PrefixCache:
             key = (spec, chain.last, tokens[b * size:(b + 1) * size].tobytes())
             block = self._blocks.get(key)
             if block is None:
-                if not self._free:
+                if not self._free and self._unused == self.max_blocks:
                     if next(iter(self._blocks.values())).id in chain.ids:
                         break  # the pool is full of this sequence: its deeper blocks would evict its own
                     self._free.append(self._blocks.popitem(last=False)[1].place)
+                if not self._free:
+                    self._free.append(self._unused)
+                    self._unused += 1
                 block = self._blocks[key] = Block(next(self._ids), self._free.pop())
                 new.append((b, block.place))
             self._blocks.move_to_end(key)  # now: the eviction of a later block must not take this one
@@ -121,4 +125,4 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget every block (a task may now mean other weights); the memory stays for reuse."""
         self._blocks.clear()
-        self._free = list(range(self.max_blocks))
+        self._free, self._unused = [], 0
