@@ -1,12 +1,14 @@
-"""Decode step time with prepacked weights (engine.packed) against PyTorch's linear, per batch size, same tokens.
+"""Decode step time with engine.packed (prepacked weights; one row split across threads) against PyTorch's linear.
 
     PYTHONPATH=. .venv/bin/python bench/prepack.py                 # SmolLM2-135M, float32, 1 thread (CPU time)
     PYTHONPATH=. .venv/bin/python bench/prepack.py --threads 2     # wall time with both cores, on an idle machine
 
 For each batch size: that many 100-token random prompts on the base model, greedy, exactly --tokens tokens each;
 once every prompt is computed, --steps decode steps are timed. Engines with prepack_weights on and off take turns
-(--repeats times, each keeps its best), and their tokens must be equal. With one thread the clock is the
-process's CPU time, which other processes on a shared machine change far less than wall time; else wall time.
+(--repeats times, each keeps its best), and their tokens must be equal. One sequence is not packed but split
+across threads, so it needs --threads 2 or more (on one thread it runs PyTorch's linear too). With one thread the
+clock is the process's CPU time, which other processes on a shared machine change far less than wall time; else
+wall time.
 """
 import argparse
 import os
@@ -57,7 +59,7 @@ def main() -> None:
     tasks = lora.MultiTaskModel(args.model, device="cpu", dtype="float32")
     print(f"# {args.model}, float32, base weights, 100-token prompts, {args.threads} thread(s), {cpu_model()}, "
           f"load {load_average()}, torch {torch.__version__}; one decode step, best of {args.repeats}, {UNIT}")
-    print("| sequences | linear | prepacked | speed-up |\n|---:|---:|---:|---:|")
+    print("| sequences | linear | packed (1: split) | speed-up |\n|---:|---:|---:|---:|")
     for batch in args.batch:
         best = {True: float("inf"), False: float("inf")}
         answers = {}

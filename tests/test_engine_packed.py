@@ -1,5 +1,8 @@
 """Prepacked weights (engine.packed): batched decode steps on packed copies answer as each request alone, and the
-copies follow the weights exact switching points at (merged tasks, mixed steps on the base, a re-registered task)."""
+copies follow the weights exact switching points at (merged tasks, mixed steps on the base, a re-registered task);
+a single stream's layers split across threads answer as PyTorch's linear does."""
+import torch
+
 import lora
 from lora.engine import Engine
 from tests.conftest import make_adapter
@@ -48,3 +51,16 @@ def test_packed_weights_follow_merged_weights_rebuilt_in_the_same_buffers(tiny_l
         got[task] = answers(engine, prompts, [task] * 2)
         assert got[task] == [alone(tasks, p, task) for p in prompts], task
     assert got["a"] != got["b"]
+
+
+def test_single_stream_split_across_threads_answers_as_linear_across_switches(mt):  # noqa: F811
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs one thread per worker, which has nothing to split
+    try:
+        on, off = Engine(mt, max_num_seqs=1, merge_after=1), Engine(mt, max_num_seqs=1, prepack_weights=False)
+        for task in ("qa", "sum", None, "qa"):  # merged qa, a switch to sum, the base, qa again
+            assert answers(on, [prompt(mt, 3)], [task]) == answers(off, [prompt(mt, 3)], [task]), task
+        assert on.stats()["split_row_steps_total"] >= 4 * (GREEDY.max_tokens - 1)
+        assert off.stats()["split_row_steps_total"] == 0
+    finally:
+        torch.set_num_threads(threads)

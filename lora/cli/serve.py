@@ -81,7 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="memory for cached prefix blocks, written as they fill (default: 512 MiB)")
     p.add_argument("--prepack-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="run batched decode steps on oneDNN-prepacked copies of the linear weights (1.25-1.4x per step "
-                        "on a CPU, one more copy of those weights in memory; default: on for float32 on a CPU)")
+                        "on a CPU, one more copy of those weights in memory) and split a single stream's layers "
+                        "across threads; default: on for float32 on a CPU)")
     p.add_argument("--max-chat-turns", type=int, default=256, help="the most messages in one chat request")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds a request body may take to arrive; then 408 (a stalled client holds nothing)")

@@ -59,8 +59,9 @@ class Engine:
             asked; `lora serve` compiles unless --enforce-eager).
         compile_backend: torch.compile's backend ("eager": the graph capture alone, no code generation).
         prepack_weights: eager decode steps of several sequences run every linear layer on a copy of its weight
-            prepacked for oneDNN (1.3-1.6x per step on a CPU; one more copy of the linear weights in memory; see
-            engine.packed). Default: on for float32 on a CPU.
+            prepacked for oneDNN (1.3-1.6x per step on a CPU; one more copy of the linear weights in memory), and
+            steps of one sequence split each layer's rows across torch's threads (see engine.packed). Default: on
+            for float32 on a CPU.
     """
 
     def __init__(self, tasks: Tasks, *, max_num_seqs: int = 16, max_model_len: int | None = None,
@@ -197,6 +198,7 @@ class Engine:
                 "max_lora": self.max_loras, "prefix_cache_queries": self.cache.prefix_queries,
                 "prefix_cache_hits": self.cache.prefix_hits, "prefix_cache_usage": self.cache.prefix_usage(),
                 "prepacked_steps_total": self.runner.packed.steps if self.runner.packed is not None else 0,
+                "split_row_steps_total": self.runner.packed.split_steps if self.runner.packed is not None else 0,
                 "compiled_decode": "off" if compiled is None else compiled.state,  # see engine.compiled
                 "compiled_steps_total": 0 if compiled is None else compiled.steps}
 

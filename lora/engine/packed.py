@@ -1,14 +1,18 @@
-"""Prepacked weights for batched decode steps on a CPU: each linear layer's weight in oneDNN's blocked layout.
+"""Faster float32 linear layers for eager decode steps on a CPU: prepacked weights for batches, one row split.
 
 Measured (SmolLM2-135M float32, 1 thread, CPU time, a loaded 2-core AMD EPYC, torch 2.13): PyTorch's float32
 `linear` reads weights at 6-18 GB/s for 2-16 rows, oneDNN's prepacked kernel (what inductor's freezing uses) is
-1.3-2.9x faster there, and a whole engine decode step of 4, 8 and 16 sequences 1.56x, 1.29x and 1.43x; for one
-row it is slower (a whole single-stream step 0.87x), so steps of one row keep `linear`. Prompt chunks keep it too.
-A packed copy follows the weight its module holds now (exact switching points parameters at merged weights): it
-is keyed by the weight's storage, and where that is not the base weight's (the base weights are never written)
-by the task spec and registrations the merged weights were built for; a layer whose key changed is packed again
-(for SmolLM2 all layers take about 0.4 s, once per switch to other merged weights).
-Memory: one packed copy of every linear weight, the head included (about 540 MB for SmolLM2 in float32).
+1.3-2.9x faster there, and a whole engine decode step of 4, 8 and 16 sequences 1.56x, 1.29x and 1.43x. A packed
+copy follows the weight its module holds now (exact switching points parameters at merged weights): it is keyed
+by the weight's storage, and where that is not the base weight's (the base weights are never written) by the task
+spec and registrations the merged weights were built for; a layer whose key changed is packed again (for SmolLM2
+all layers take about 0.4 s, once per switch to other merged weights). Memory: one packed copy of every linear
+weight, the head included (about 540 MB for SmolLM2 in float32).
+One row (a single-stream decode step) is not packed (0.87x on a whole step): PyTorch runs a one-row `linear` on
+one thread (2 threads read weights no faster than 1, about 11 GB/s here), so the weight's output rows are split
+into one block per thread and run as one batched matmul, which torch spreads over its threads: 15-26 GB/s on 2
+idle cores, each output still one dot product of a weight row with the input. It reads the weight in place (a
+view), so it needs no copy and follows every switch by itself.
 """
 from __future__ import annotations
 
@@ -37,17 +41,26 @@ class PackedLinears:
         self._base: dict[torch.nn.Linear, int] = {}  # each module's base weight storage, seen in a step on base weights
         self.packs = 0  # layers packed so far (a count to watch repacking)
         self.steps = 0  # forwards run on packed weights
+        self.split_steps = 0  # one-row forwards split across threads
 
     @contextlib.contextmanager
-    def attached(self, merged: Hashable) -> Iterator[None]:
-        """The model's linear layers run on packed weights for one forward. `merged`: what the model's merged
-        weights were built for (the task spec and registrations), or None when it runs on its base weights."""
+    def attached(self, merged: Hashable, rows: int) -> Iterator[None]:
+        """The model's linear layers run faster for one forward of `rows` rows: split across threads for one row,
+        else on packed weights. `merged`: what the model's merged weights were built for (the task spec and
+        registrations), or None when it runs on its base weights."""
         attached: list[torch.nn.Linear] = []
+        threads = torch.get_num_threads()
         try:  # packing can fail part way (out of memory): a packed forward left behind would outlive a switch
             for m in self.modules:
-                m.forward = self._forward(m, self._packed_weight(m, merged))  # type: ignore[method-assign]
+                if rows > 1:
+                    m.forward = self._forward(m, self._packed_weight(m, merged))  # type: ignore[method-assign]
+                elif threads > 1 and m.bias is None and m.out_features % threads == 0:
+                    m.forward = self._split(m, threads)  # type: ignore[method-assign]
+                else:
+                    continue
                 attached.append(m)
-            self.steps += 1
+            self.steps += rows > 1
+            self.split_steps += rows == 1 and bool(attached)
             yield
         finally:
             for m in attached:
@@ -63,6 +76,16 @@ class PackedLinears:
             held = self._packed[module] = key, torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 4)
             self.packs += 1
         return held[1]
+
+    @staticmethod
+    def _split(module: torch.nn.Linear, blocks: int) -> Any:
+        weight = module.weight
+
+        def forward(x: torch.Tensor) -> torch.Tensor:  # x: one row, of any leading shape
+            blocked = weight.view(blocks, -1, weight.shape[1]).transpose(1, 2)
+            out = torch.bmm(x.reshape(1, 1, -1).expand(blocks, 1, -1), blocked)
+            return out.view(*x.shape[:-1], weight.shape[0])
+        return forward
 
     @staticmethod
     def _forward(module: torch.nn.Linear, packed: torch.Tensor) -> Any:

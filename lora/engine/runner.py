@@ -221,9 +221,9 @@ class ModelRunner:
             if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
                 forward = self.compiled  # a decode step on plain or merged weights
             packed: AbstractContextManager[None] = contextlib.nullcontext()
-            if forward is self.model and self.packed is not None and not plan.chunks and n > 1:  # see engine.packed
+            if forward is self.model and self.packed is not None and not plan.chunks:  # see engine.packed
                 merged = None if mixed is not None or self._spec is None else (self._spec, self.tasks.registrations)
-                packed = self.packed.attached(merged)
+                packed = self.packed.attached(merged, n)
             with context, packed:
                 logits = forward(input_ids=inputs[IDS, :n][None], position_ids=inputs[POSITION, :n][None],
                                  attention_mask=self._no_mask, use_cache=False,
