@@ -167,6 +167,9 @@ def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_
     lm_eval = pytest.importorskip("lm_eval")
     # Each run records the environment (pip list, nvidia-smi... in subprocesses: seconds); nothing here reads it.
     monkeypatch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
+    # ... and bootstraps the perplexity's standard error from 100 000 resamples in a pool of forked processes:
+    # nothing here reads it either (lora eval prints no stderr).
+    monkeypatch.setattr("lm_eval.api.metrics.bootstrap_stderr", lambda metric, values, iters: float("nan"))
     from lora.cli import main
     from lora.harness import custom_task, run_lm_eval, tokenizer_folder
 
