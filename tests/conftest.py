@@ -24,6 +24,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def no_loss_plot(request, monkeypatch):
+    """Every finished finetune draws loss.png with matplotlib (0.1 s of CPU, the first in a process 0.7 s): tests
+    marked `plots` (the seed command's) check that it is drawn; the other runs in this process leave it out."""
+    if request.node.get_closest_marker("plots") is None:
+        monkeypatch.setattr("lora.train.plot_losses", lambda runs, png_path, title=None: None)
+
+
 def pytest_collection_modifyitems(items):
     """Long tests first: under pytest-xdist one left for the end would keep one worker busy while the others idle."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order

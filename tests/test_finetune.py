@@ -21,6 +21,7 @@ def adapter_tensors(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
+@pytest.mark.plots
 def test_seed_command_trains_and_loss_goes_down(tiny_llama, task_dir, tmp_path, monkeypatch, capfd):
     """`python finetune.py ...` as the seed's users run it, as __main__ in this process (a fresh process costs
     seconds of imports; test_distributed and serve's test_lifecycle start `python -m lora` ones)."""
