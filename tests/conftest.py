@@ -25,11 +25,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(autouse=True)
-def no_loss_plot(request, monkeypatch):
+def no_loss_plot(request):
     """Every finished finetune draws loss.png with matplotlib (0.1 s of CPU, the first in a process 0.7 s): tests
-    marked `plots` (the seed command's) check that it is drawn; the other runs in this process leave it out."""
-    if request.node.get_closest_marker("plots") is None:
-        monkeypatch.setattr("lora.train.plot_losses", lambda runs, png_path, title=None: None)
+    marked `plots` (the seed command's) check that it is drawn; the other runs in this process leave it out.
+    Its own MonkeyPatch: a test's monkeypatch.undo() leaves this one in place."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.node.get_closest_marker("plots") is None:
+            patch.setattr("lora.train.plot_losses", lambda runs, png_path, title=None: None)
+        yield
 
 
 def pytest_collection_modifyitems(items):
