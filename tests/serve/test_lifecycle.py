@@ -61,7 +61,7 @@ def test_api_key_guards_every_endpoint_but_health(tiny_llama, adapters):
         assert client.completions.create(model="color", prompt="hi", max_tokens=3).choices[0].finish_reason
         # Without --adapter-root, loading at run time is off.
         refused = post(url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "x"},
-                             headers={"Authorization": "Bearer sekret"})
+                       headers={"Authorization": "Bearer sekret"})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "adapter_loading_disabled"
 
 

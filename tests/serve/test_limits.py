@@ -48,7 +48,7 @@ def test_errors_come_in_openai_shape_with_the_right_status(server, client):
     assert error_of(e)["param"] in ("messages", "temperature")
 
     malformed = post(url + "/v1/chat/completions", content=b'{"model": "color", "messages": [',
-                           headers={"content-type": "application/json"})
+                     headers={"content-type": "application/json"})
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
     huge = post(url + "/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
@@ -64,7 +64,7 @@ def test_chunked_body_over_the_limit_gets_413_as_it_arrives(server):
             yield b"x" * (64 << 10)
         yield b'"}'
     refused = post(server[0] + "/v1/completions", content=body(), headers={"content-type": "application/json"},
-                         timeout=30)
+                   timeout=30)
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
     assert refused.headers["connection"] == "close"  # the unread rest cannot be parsed as a next request
 
@@ -151,14 +151,14 @@ def test_chat_turns_are_limited_and_tokenizing_is_linear(server):
     turns = [{"role": role, "content": ""} for _ in range(1600) for role in ("user", "assistant")]
     start = time.monotonic()
     refused = post(url + "/v1/chat/completions", timeout=60,
-                         json={"model": "color-chat", "messages": turns + [{"role": "user", "content": ""}]})
+                   json={"model": "color-chat", "messages": turns + [{"role": "user", "content": ""}]})
     assert time.monotonic() - start < 2
     assert refused.status_code == 400 and "--max-chat-turns" in refused.json()["error"]["message"]
     allowed = turns[:254] + [{"role": "user", "content": "hi"}]  # 255 messages: within the default 256
 
     def long_chat():
         return post(url + "/v1/chat/completions", timeout=60,
-                          json={"model": "color-chat", "messages": allowed, "max_tokens": 2})
+                    json={"model": "color-chat", "messages": allowed, "max_tokens": 2})
     short = {"model": "color-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         longs = [pool.submit(long_chat) for _ in range(3)]
