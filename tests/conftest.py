@@ -24,6 +24,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def no_loss_plot(request):
+    """Every finished finetune draws loss.png with matplotlib (0.1 s of CPU, the first in a process 0.7 s): tests
+    marked `plots` (the seed command's) check that it is drawn; the other runs in this process leave it out.
+    Its own MonkeyPatch: a test's monkeypatch.undo() leaves this one in place."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.node.get_closest_marker("plots") is None:
+            patch.setattr("lora.train.plot_losses", lambda runs, png_path, title=None: None)
+        yield
+
+
 def pytest_collection_modifyitems(items):
     """Long tests first: under pytest-xdist one left for the end would keep one worker busy while the others idle."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
@@ -59,7 +70,7 @@ def train_tokenizer(path):
     return fast
 
 
-def save_tiny_model(kind, path, tokenizer, seed=0):
+def save_tiny_model(kind, path, tokenizer, seed=0, layers=2):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -67,12 +78,12 @@ def save_tiny_model(kind, path, tokenizer, seed=0):
     common = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
                   bos_token_id=tokenizer.eos_token_id)
     if kind == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
                              initializer_range=0.1, **common)
         model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.1, **common)
+        config = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, initializer_range=0.1, **common)
         model = GPT2LMHeadModel(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

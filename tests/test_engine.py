@@ -12,12 +12,16 @@ from tests.conftest import THINGS, make_adapter
 GREEDY = SamplingParams(max_tokens=12, min_tokens=12)  # a fixed length: no early eos on random models
 
 
+def engine_tasks(base, root):
+    """`base` with three random tasks: two attention projections, every linear layer, the embeddings and o_proj."""
+    targets = {"qa": ["q_proj", "v_proj"], "sum": "all-linear", "emb": ["embed_tokens", "o_proj"]}
+    mapper = {name: make_adapter(base, root / name, t, seed) for seed, (name, t) in enumerate(targets.items())}
+    return lora.MultiTaskModel(base, mapper)
+
+
 @pytest.fixture(scope="module")
 def mt(tiny_llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine-adapters")
-    targets = {"qa": ["q_proj", "v_proj"], "sum": "all-linear", "emb": ["embed_tokens", "o_proj"]}
-    mapper = {name: make_adapter(tiny_llama, root / name, t, seed) for seed, (name, t) in enumerate(targets.items())}
-    return lora.MultiTaskModel(tiny_llama, mapper)
+    return engine_tasks(tiny_llama, tmp_path_factory.mktemp("engine-adapters"))
 
 
 def prompt(mt, i, words=1):

@@ -6,13 +6,22 @@ import torch
 
 import lora
 from lora.engine import Engine, SamplingParams
-from tests.test_engine import mt, prompt  # noqa: F401 - the module's tasks fixture
+from tests.conftest import save_tiny_model
+from tests.test_engine import engine_tasks, prompt
 from tests.test_quant_serve import quantized_adapters
 
 GREEDY = SamplingParams(max_tokens=10, min_tokens=10)
 
 
-def answers_as_eager(mt, backend):  # noqa: F811
+@pytest.fixture(scope="module")
+def mt(tiny_tokenizer, tmp_path_factory):
+    """test_engine's tasks over a 1-layer llama: tracing takes seconds per layer, and one layer has every kind of
+    module the tasks change (the steps, slots and hooks under test do not depend on the depth)."""
+    base = save_tiny_model("llama", tmp_path_factory.mktemp("one-layer-llama"), tiny_tokenizer, layers=1)
+    return engine_tasks(base, tmp_path_factory.mktemp("one-layer-adapters"))
+
+
+def answers_as_eager(mt, backend):
     """Plain, merged and mixed requests through a compiling engine answer as through an eager one."""
     torch._dynamo.reset()  # other tests compiled other models in this process (finetune --compile): start clean
     compiled = Engine(mt, max_num_seqs=3, enforce_eager=False, compile_backend=backend)
@@ -33,12 +42,12 @@ def answers_as_eager(mt, backend):  # noqa: F811
 
 
 @pytest.mark.long
-def test_captured_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
+def test_captured_decode_steps_answer_as_the_eager_engine(mt):
     answers_as_eager(mt, "eager")  # torch.compile's graph capture, without inductor's minutes of code generation
 
 
 @pytest.mark.slow  # inductor compiles for minutes on a 2-core CPU: pytest -m slow
-def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):  # noqa: F811
+def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):
     answers_as_eager(mt, "inductor")
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import lora
 from lora.cli import main
-from tests.conftest import finetune_argv
+from tests.conftest import finetune_argv, write_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +21,7 @@ def adapter_tensors(path):
     return load_file(os.path.join(path, "adapter_model.safetensors"))
 
 
+@pytest.mark.plots
 def test_seed_command_trains_and_loss_goes_down(tiny_llama, task_dir, tmp_path, monkeypatch, capfd):
     """`python finetune.py ...` as the seed's users run it, as __main__ in this process (a fresh process costs
     seconds of imports; test_distributed and serve's test_lifecycle start `python -m lora` ones)."""
@@ -53,7 +54,6 @@ def test_validation_every_eval_steps_after_each_epoch_and_where_max_steps_stops(
 
 
 def test_gpt2_and_lora_cli_entry_point(tiny_gpt2, tmp_path):
-    from tests.conftest import write_task
     task = write_task(tmp_path / "task", targets="c_attn\n")
     assert main(["finetune", *finetune_argv(tiny_gpt2, task, tmp_path / "c", "--max_steps", 2)]) == 0
     assert json.loads((tmp_path / "c" / "final" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
@@ -261,13 +261,22 @@ def test_early_stopping_keeps_the_best_adapter(tiny_llama, task_dir, tmp_path, m
 
 # ---------------------------------------------------------------- resume checks
 
-@pytest.fixture
-def two_epochs(tiny_llama, task_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_epochs_run(tiny_llama, tmp_path_factory):
     """A finished run of 2 epochs of 6 steps, validating every 3 steps, with step-6 saved at the end of epoch 1."""
-    argv = finetune_argv(tiny_llama, task_dir, tmp_path / "c", "--validation_data_path", task_dir / "validation.json",
+    task = write_task(tmp_path_factory.mktemp("two-epochs") / "task")
+    argv = finetune_argv(tiny_llama, task, task.parent / "c", "--validation_data_path", task / "validation.json",
                          "--eval_steps", 3, "--save_steps", 6, "--num_epochs", 2)
     assert main(["finetune", *argv]) == 0
-    return argv
+    return argv, task.parent / "c"
+
+
+@pytest.fixture
+def two_epochs(two_epochs_run, tmp_path):
+    """The finished run's argv, its checkpoint folder copied to tmp_path / "c" for this test to resume into."""
+    argv, folder = two_epochs_run
+    shutil.copytree(folder, tmp_path / "c")
+    return [str(tmp_path / "c") if a == str(folder) else a for a in argv]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -302,7 +311,6 @@ def test_resume_at_the_end_of_an_epoch_writes_no_duplicate_validation(two_epochs
 
 
 def test_max_seq_length_past_the_models_context_is_capped(tiny_llama, tmp_path, capsys):
-    from tests.conftest import write_task
     task = write_task(tmp_path / "task")
     long = [{"instruction": "Repeat the words.", "input": "", "output": " ".join(["apple river"] * 200)}] * 4
     (task / "train.json").write_text(json.dumps(long))
@@ -346,7 +354,6 @@ def test_library_settings_of_the_wrong_name_or_type_are_refused(tiny_llama, task
 @pytest.fixture(scope="module")
 def one_step(tiny_llama, tmp_path_factory):
     """A finished 2-step run whose step-1/ holds a training state, and the flags that trained it."""
-    from tests.conftest import write_task
     folder = tmp_path_factory.mktemp("one_step")
     argv = finetune_argv(tiny_llama, write_task(folder / "task"), folder / "c", "--max_steps", 2, "--save_steps", 1)
     assert main(["finetune", *argv]) == 0

@@ -3,14 +3,13 @@ import json
 import os
 import shutil
 
-import openai
 import pytest
 from transformers import AutoTokenizer
 
 from lora.multitask import MultiTaskModel
 from lora.serve import create_app
 from tests.conftest import CHAT_TEMPLATE, make_adapter
-from tests.serve.helpers import CAP, CHAT_SYSTEM, TASKS, serving
+from tests.serve.helpers import CAP, CHAT_SYSTEM, TASKS, openai_client, serving
 
 TARGETS = {"color": ["q_proj", "v_proj"], "reverse": ["q_proj", "k_proj", "o_proj"]}
 
@@ -86,4 +85,4 @@ def reference(chat_llama, adapters):
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)

@@ -1,10 +1,13 @@
 """What the server tests share: the app under uvicorn in a thread, errors and metrics as tests read them."""
 import contextlib
+import functools
 import socket
+import ssl
 import threading
 import time
 
 import httpx
+import openai
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +19,19 @@ QUESTIONS = [f"What colour is the {thing}?" for thing in ("apple", "river", "sto
 CAP = 64  # --max-tokens-cap of the test server
 MAX_PROMPTS = 16  # --max-prompts of the test server: the engine's default max_num_seqs
 CHAT_SYSTEM = "You name colours."
+
+# httpx (and the OpenAI client's httpx2) builds a TLS context from certifi's bundle for every client it makes:
+# 20-40 ms of CPU each, and httpx.get makes a client per call. The tests speak plain HTTP to 127.0.0.1, so all
+# their clients share one context; each call still makes its own client and connection, as httpx.get does.
+TLS = ssl.create_default_context()
+get = functools.partial(httpx.get, verify=TLS)
+post = functools.partial(httpx.post, verify=TLS)
+request = functools.partial(httpx.request, verify=TLS)
+
+
+def openai_client(**kwargs):
+    """openai.OpenAI(**kwargs) over its default httpx client, with the shared TLS context."""
+    return openai.OpenAI(http_client=openai.DefaultHttpxClient(verify=TLS), **kwargs)
 
 
 @contextlib.contextmanager
@@ -66,7 +82,7 @@ def error_of(excinfo):
 
 def metrics(url):
     """/metrics parsed: {(sample name, sorted labels): value}."""
-    text = httpx.get(url + "/metrics").text
+    text = get(url + "/metrics").text
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples}
 

@@ -3,14 +3,23 @@ import concurrent.futures
 import threading
 import time
 
-import httpx
-import openai
 import pytest
 
 from lora.chat import render_chat
 from lora.multitask import MultiTaskModel
 from lora.serve import create_app
-from tests.serve.helpers import CHAT_SYSTEM, QUESTIONS, TASKS, GatedEngine, metrics, raw_prompt, serving
+from tests.serve.helpers import (
+    CHAT_SYSTEM,
+    QUESTIONS,
+    TASKS,
+    GatedEngine,
+    get,
+    metrics,
+    openai_client,
+    post,
+    raw_prompt,
+    serving,
+)
 
 
 def test_models_lists_the_base_model_and_every_task(client):
@@ -90,7 +99,7 @@ def test_empty_prompt_gets_a_normal_answer(client):
 def test_native_generate_answers_as_generate_response(server, reference):
     url = server[0]
     body = {"downstream": "reverse2", "instruction": "Spell the word backwards.", "input": "piano", "max_new_tokens": 12}
-    out = httpx.post(url + "/v1/generate", json=body, timeout=60).json()
+    out = post(url + "/v1/generate", json=body, timeout=60).json()
     assert out["response"] == reference.generate_response("reverse2", "Spell the word backwards.", "piano",
                                                           max_new_tokens=12)
     assert out["downstream"] == "reverse2" and out["usage"]["completion_tokens"] <= 12
@@ -130,7 +139,7 @@ def test_metrics_in_prometheus_format(server, client):
     client.chat.completions.create(model="reverse", messages=[{"role": "user", "content": QUESTIONS[0]}],
                                    max_tokens=8, extra_body={"ignore_eos": True})
     after = metrics(url)
-    assert httpx.get(url + "/metrics").headers["content-type"].startswith("text/plain")
+    assert get(url + "/metrics").headers["content-type"].startswith("text/plain")
     for name in ("lora:num_requests_running", "lora:num_requests_waiting", "lora:kv_cache_usage_perc"):
         assert (name, ()) in after
     assert after[("lora:prompt_tokens_total", ())] > before[("lora:prompt_tokens_total", ())]
@@ -180,7 +189,7 @@ def test_load_200_requests_from_16_clients_over_4_tasks(server, client, referenc
     def watch():
         while not done.is_set():
             running.append(metrics(url)[("lora:num_requests_running", ())])
-            time.sleep(0.01)
+            time.sleep(0.1)  # each look costs the server a /metrics page: a few looks see the requests together
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
@@ -204,7 +213,7 @@ def test_vllm_metric_names_for_routers(tiny_llama, adapters):
     mt = MultiTaskModel(tiny_llama, {"color": adapters[0]["color"], "reverse": adapters[0]["reverse"]})
     engine = GatedEngine(mt, max_num_seqs=1)
     with serving(create_app(mt, engine, served_model_name="tiny")) as url:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         idle = metrics(url)
         assert idle[("vllm:num_requests_running", ())] == idle[("vllm:num_requests_waiting", ())] == 0
         assert idle[("vllm:kv_cache_usage_perc", ())] == 0

@@ -8,13 +8,12 @@ import threading
 import time
 import tracemalloc
 
-import httpx
 import openai
 import pytest
 
 from lora.multitask import MultiTaskModel
 from lora.serve import create_app
-from tests.serve.helpers import CAP, MAX_PROMPTS, GatedEngine, error_of, serving
+from tests.serve.helpers import CAP, MAX_PROMPTS, GatedEngine, error_of, get, post, serving
 
 
 def test_errors_come_in_openai_shape_with_the_right_status(server, client):
@@ -48,12 +47,12 @@ def test_errors_come_in_openai_shape_with_the_right_status(server, client):
         client.chat.completions.create(model="color", messages=[], temperature="hot")
     assert error_of(e)["param"] in ("messages", "temperature")
 
-    malformed = httpx.post(url + "/v1/chat/completions", content=b'{"model": "color", "messages": [',
-                           headers={"content-type": "application/json"})
+    malformed = post(url + "/v1/chat/completions", content=b'{"model": "color", "messages": [',
+                     headers={"content-type": "application/json"})
     assert malformed.status_code == 400 and malformed.json()["error"]["code"] == "invalid_json"
-    huge = httpx.post(url + "/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    huge = post(url + "/v1/completions", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
-    unknown = httpx.get(url + "/v1/nothing-here")
+    unknown = get(url + "/v1/nothing-here")
     assert unknown.status_code == 404 and set(unknown.json()["error"]) == {"message", "type", "param", "code"}
 
 
@@ -64,8 +63,8 @@ def test_chunked_body_over_the_limit_gets_413_as_it_arrives(server):
         for _ in range(3 * 16):  # 3 MiB in 64 KiB chunks, sent with Transfer-Encoding: chunked
             yield b"x" * (64 << 10)
         yield b'"}'
-    refused = httpx.post(server[0] + "/v1/completions", content=body(), headers={"content-type": "application/json"},
-                         timeout=30)
+    refused = post(server[0] + "/v1/completions", content=body(), headers={"content-type": "application/json"},
+                   timeout=30)
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "request_too_large"
     assert refused.headers["connection"] == "close"  # the unread rest cannot be parsed as a next request
 
@@ -77,14 +76,14 @@ def test_huge_prompt_is_refused_while_health_stays_fast(server):
 
     def send():
         for _ in range(3):
-            answers.append(httpx.post(url + "/v1/completions", timeout=120, json={
+            answers.append(post(url + "/v1/completions", timeout=120, json={
                 "model": "color", "prompt": "apple river stone cloud, " * 40000, "max_tokens": 2}))
     sender = threading.Thread(target=send)
     sender.start()
     latencies = []
     while sender.is_alive() or not latencies:
         start = time.monotonic()
-        assert httpx.get(url + "/health", timeout=120).status_code == 200
+        assert get(url + "/health", timeout=120).status_code == 200
         latencies.append(time.monotonic() - start)
         time.sleep(0.01)
     sender.join()
@@ -111,7 +110,7 @@ def test_prompts_times_n_are_bounded_per_request(client):
 def test_openai_fields_not_implemented_are_refused_by_name(server, field, value):
     for path, body in (("/v1/completions", {"prompt": "hi"}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
-        answer = httpx.post(server[0] + path, json={"model": "color", "max_tokens": 2, **body, field: value})
+        answer = post(server[0] + path, json={"model": "color", "max_tokens": 2, **body, field: value})
         assert answer.status_code == 400, (path, field)
         error = answer.json()["error"]
         assert error["param"] == field and field in error["message"] and error["code"] == "unsupported_field"
@@ -141,7 +140,7 @@ def test_lone_surrogates_are_a_400_not_a_500(server):
                        ("/v1/completions", '{"model": "\\udfff", "prompt": "a"}'),
                        ("/v1/chat/completions", '{"model": "color", "messages": [{"role": "user", "content": "\\ud800"}]}'),
                        ("/v1/generate", '{"downstream": "color", "instruction": "x\\ud800y"}')):
-        answer = httpx.post(server[0] + path, content=body.encode(), headers={"content-type": "application/json"})
+        answer = post(server[0] + path, content=body.encode(), headers={"content-type": "application/json"})
         assert answer.status_code == 400, (path, body)
         assert "surrogate" in answer.json()["error"]["message"]
 
@@ -151,21 +150,21 @@ def test_chat_turns_are_limited_and_tokenizing_is_linear(server):
     url = server[0]
     turns = [{"role": role, "content": ""} for _ in range(1600) for role in ("user", "assistant")]
     start = time.monotonic()
-    refused = httpx.post(url + "/v1/chat/completions", timeout=60,
-                         json={"model": "color-chat", "messages": turns + [{"role": "user", "content": ""}]})
+    refused = post(url + "/v1/chat/completions", timeout=60,
+                   json={"model": "color-chat", "messages": turns + [{"role": "user", "content": ""}]})
     assert time.monotonic() - start < 2
     assert refused.status_code == 400 and "--max-chat-turns" in refused.json()["error"]["message"]
     allowed = turns[:254] + [{"role": "user", "content": "hi"}]  # 255 messages: within the default 256
 
     def long_chat():
-        return httpx.post(url + "/v1/chat/completions", timeout=60,
-                          json={"model": "color-chat", "messages": allowed, "max_tokens": 2})
+        return post(url + "/v1/chat/completions", timeout=60,
+                    json={"model": "color-chat", "messages": allowed, "max_tokens": 2})
     short = {"model": "color-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         longs = [pool.submit(long_chat) for _ in range(3)]
         time.sleep(0.05)
         start = time.monotonic()
-        assert httpx.post(url + "/v1/chat/completions", json=short, timeout=60).status_code == 200
+        assert post(url + "/v1/chat/completions", json=short, timeout=60).status_code == 200
         waited = time.monotonic() - start
         assert all(f.result().status_code in (200, 400) for f in longs)
     assert waited < 1.0
@@ -197,7 +196,7 @@ def test_a_stalled_body_gets_408_and_tiny_chunks_cost_little(tiny_llama):
             sender.start()
             while sender.is_alive():
                 start = time.monotonic()
-                assert httpx.get(url + "/health", timeout=30).status_code == 200
+                assert get(url + "/health", timeout=30).status_code == 200
                 latencies.append(time.monotonic() - start)
             sender.join()
         assert max(latencies) < 1.0
@@ -209,12 +208,12 @@ def test_a_waiting_request_holds_its_token_ids_not_its_body(tiny_llama):
     engine = GatedEngine(mt)
     with serving(create_app(mt, engine, served_model_name="tiny")) as url:
         body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2, "user": "u" * ((1 << 20) - 100)}).encode()
-        httpx.post(url + "/v1/completions", content=body, timeout=30)  # warm: pools, tokenizer copies
+        post(url + "/v1/completions", content=body, timeout=30)  # warm: pools, tokenizer copies
         engine.paused.clear()
         tracemalloc.start()  # Python's own count of live allocations, in the server's threads and the clients'
         before = tracemalloc.get_traced_memory()[0]
         with concurrent.futures.ThreadPoolExecutor(30) as pool:
-            answers = [pool.submit(httpx.post, url + "/v1/completions", content=body, timeout=60) for _ in range(30)]
+            answers = [pool.submit(post, url + "/v1/completions", content=body, timeout=60) for _ in range(30)]
             deadline = time.monotonic() + 60
             while engine.stats()["waiting"] < 30:
                 assert time.monotonic() < deadline

@@ -3,7 +3,6 @@ import json
 import re
 import shutil
 
-import httpx
 import jsonschema
 import openai
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from lora.multitask import MultiTaskModel
 from lora.serve import create_app
-from tests.serve.helpers import QUESTIONS, error_of, raw_prompt, serving
+from tests.serve.helpers import QUESTIONS, error_of, openai_client, post, raw_prompt, serving
 
 SCHEMA = {"type": "object",
           "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer", "minimum": 0,
@@ -38,7 +37,7 @@ def url(chat_llama, mapper):
 
 @pytest.fixture(scope="module")
 def api(url):
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +59,7 @@ def test_response_format_and_guided_fields_constrain_chat_and_completions(api):
     out = api.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=1.0, seed=2, n=4,
                                  extra_body={"structured_outputs": {"regex": "[ab]{3}-[0-9]"}})
     assert all(re.fullmatch("[ab]{3}-[0-9]", c.text) for c in out.choices)
-    generated = httpx.post(api.base_url.join("/v1/generate").__str__(), json={
+    generated = post(api.base_url.join("/v1/generate").__str__(), json={
         "downstream": "color", "instruction": QUESTIONS[2], "guided_json": SCHEMA, "max_new_tokens": 40}).json()
     jsonschema.validate(json.loads(generated["response"]), SCHEMA)
 
@@ -167,6 +166,9 @@ def test_lm_evals_local_completions_against_lora_serve_equals_its_hf_model_with_
     lm_eval = pytest.importorskip("lm_eval")
     # Each run records the environment (pip list, nvidia-smi... in subprocesses: seconds); nothing here reads it.
     monkeypatch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
+    # ... and bootstraps the perplexity's standard error from 100 000 resamples in a pool of forked processes:
+    # nothing here reads it either (lora eval prints no stderr).
+    monkeypatch.setattr("lm_eval.api.metrics.bootstrap_stderr", lambda metric, values, iters: float("nan"))
     from lora.cli import main
     from lora.harness import custom_task, run_lm_eval, tokenizer_folder
 
