@@ -230,8 +230,11 @@ class ModelRunner:
                                  logits_to_keep=inputs[KEEP, :layout.kept], lora_step=attention).logits[0].float()
         if not layout.kept:
             return {}
-        finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
-        logits = torch.where(finite[:, None], logits, 0.0)  # the sampler never sees inf or NaN
+        # A row is finite when its largest logit is (amax propagates NaN, +inf is the largest, and a row of -inf
+        # has nothing to sample): one reduction, where comparing every logit cost 3% of a decode step.
+        top = logits.amax(-1)
+        finite = (top > -math.inf) & (top < math.inf)
+        logits.masked_fill_(~finite[:, None], 0.0)  # the sampler never sees inf or NaN
         rows = logits[:len(sampled)]
         failed = set(apply_masks(rows, [r.matcher for r in sampled]))  # constrained rows only; free rows untouched
         asked = [i for i, r in enumerate(sampled) if r.sampling.logprobs is not None]
