@@ -6,7 +6,7 @@ in every layer, with the step's `SlotAttention` passed through the forward's kwa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,20 @@ class ChunkRows:
     causal: torch.Tensor  # (end - start, length) bool: which cached positions each row may see
 
 
+class DecodeRow(NamedTuple):
+    """A decode row's sequence: its slot, and the cached positions it attends over (its length)."""
+    slot: int
+    length: int
+
+
 @dataclass
 class SlotAttention:
     """One step's layout for attention: decode rows (one per decoding sequence, in slot order), then chunks.
 
-    slots and positions are per row; decode_mask is (hi, 1, 1, decode_len) over slots [0, hi).
+    slots and positions are per row; decode_mask is (hi, 1, 1, decode_len) over slots [0, hi). With `rows` (on a
+    CPU) each decode row attends alone over its own length instead: decoding is bound by reading K/V there, and
+    one batched call reads every slot up to the longest sequence (4.6% of a decode step on the word trace, 2.7%
+    with 400-token shared prompts, one thread; a request then attends the same way alone as batched).
     """
     cache: SlotCache
     slots: torch.Tensor
@@ -44,6 +53,7 @@ class SlotAttention:
     decode_len: int
     decode_mask: torch.Tensor | None
     chunks: list[ChunkRows]
+    rows: list[DecodeRow] | None = None
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scaling: float | None) -> tuple[torch.Tensor, None]:
@@ -59,7 +69,13 @@ class SlotAttention:
         groups = heads // kv_heads
         out = query.new_empty(query.shape[2], heads, d)
         n = self.n_decode
-        if n:
+        if n and self.rows is not None:
+            q = query[0, :, :n].reshape(kv_heads, groups, n, d).permute(2, 0, 1, 3)  # (n, kv heads, G, d)
+            for i, (slot, length) in enumerate(self.rows):
+                o = F.scaled_dot_product_attention(q[i:i + 1], k_cache[slot:slot + 1, :, :length],
+                                                   v_cache[slot:slot + 1, :, :length], scale=scaling)
+                out[i] = o.reshape(heads, d)
+        elif n:
             q = query[0, :, :n].reshape(kv_heads, groups, n, d).permute(2, 0, 1, 3)  # (n, kv heads, G, d)
             decode_slots = self.slots[:n]
             if not self.dense:

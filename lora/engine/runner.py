@@ -26,7 +26,7 @@ from ..errors import LoraError
 from ..logprobs import TokenLogprobs, token_logprobs
 from ..structured import apply_masks
 from . import sampler
-from .attention import ATTENTION, ChunkRows, SlotAttention
+from .attention import ATTENTION, ChunkRows, DecodeRow, SlotAttention
 from .compiled import IDS, KEEP, LENGTH, POSITION, SLOT, TASK, CompiledDecode
 from .kv_cache import SlotCache
 from .packed import PackedLinears
@@ -206,8 +206,11 @@ class ModelRunner:
             if hi:
                 lengths = inputs[LENGTH, :hi]
                 mask = (torch.arange(decode_len, device=self.device)[None, :] < lengths[:, None])[:, None, None]
+            # on a CPU each decode row attends over its own length only (see attention)
+            rows = [DecodeRow(r.slot, len(r.prompt) + len(r.tokens)) for r in layout.decode] \
+                if self.device.type == "cpu" else None
             attention = SlotAttention(self.cache, inputs[SLOT, :n], inputs[POSITION, :n], len(layout.decode), hi,
-                                      hi == len(layout.decode), decode_len, mask, layout.chunks)
+                                      hi == len(layout.decode), decode_len, mask, layout.chunks, rows)
             self.cache.reach(layout.reach)
             context: AbstractContextManager[None] = contextlib.nullcontext()
             if mixed is not None:
@@ -220,6 +223,7 @@ class ModelRunner:
             plain = not mixed.tasks if mixed is not None else self.tasks.merges or self._spec is None
             if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
                 forward = self.compiled  # a decode step on plain or merged weights
+                attention.rows = None  # as the compiled step was traced: one batched attention (no recompile)
             packed: AbstractContextManager[None] = contextlib.nullcontext()
             if forward is self.model and self.packed is not None and not plan.chunks:  # see engine.packed
                 merged = None if mixed is not None or self._spec is None else (self._spec, self.tasks.registrations)
@@ -230,8 +234,11 @@ class ModelRunner:
                                  logits_to_keep=inputs[KEEP, :layout.kept], lora_step=attention).logits[0].float()
         if not layout.kept:
             return {}
-        finite = (logits < math.inf).all(-1) & (logits > -math.inf).any(-1)
-        logits = torch.where(finite[:, None], logits, 0.0)  # the sampler never sees inf or NaN
+        # A row is finite when its largest logit is (amax propagates NaN, +inf is the largest, and a row of -inf
+        # has nothing to sample): one reduction, where comparing every logit cost 3% of a decode step.
+        top = logits.amax(-1)
+        finite = (top > -math.inf) & (top < math.inf)
+        logits.masked_fill_(~finite[:, None], 0.0)  # the sampler never sees inf or NaN
         rows = logits[:len(sampled)]
         failed = set(apply_masks(rows, [r.matcher for r in sampled]))  # constrained rows only; free rows untouched
         asked = [i for i, r in enumerate(sampled) if r.sampling.logprobs is not None]

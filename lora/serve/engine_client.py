@@ -1,11 +1,13 @@
 """The engine client: one HTTP request's engine requests, and their Outputs handed to the event loop.
 
 Requests go in as token ids with their SamplingParams (a waiting request holds its ids, never its body);
-each Output comes back from the engine thread through `loop.call_soon_threadsafe` into an asyncio queue.
+each Output comes back from the engine thread into its Job's asyncio queue through the app's Mailbox: one
+wakeup of the event loop per engine step (its Outputs for every request together), not one per Output.
 Engine errors become HTTP errors here: QueueFull 429, EngineDead 503, a bad request 400.
 """
 import asyncio
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 from functools import partial
@@ -25,6 +27,33 @@ class TokenTime(NamedTuple):
     """When a choice last got new tokens, and how many it had then."""
     at: float
     tokens: int
+
+
+class Mailbox:
+    """Outputs from the engine thread to the event loop, handed over in batches: the first Output since the loop
+    last emptied the box wakes it (`call_soon_threadsafe`), those that follow in the same step ride along."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+
+    def put(self, queue: asyncio.Queue[Any], item: Any) -> None:
+        """queue.put_nowait(item) on the event loop, soon; called from the engine thread, so it stays tiny."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a wakeup is on its way already
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone: nobody is waiting any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def dead_error(error: BaseException | None = None) -> APIError:
@@ -56,11 +85,10 @@ class Job:
     thread; `abort` cancels whatever has not finished (the client went away).
     """
 
-    def __init__(self, engine: Any, models: ServedModels, metrics: Metrics, task: str | None,
+    def __init__(self, engine: Any, models: ServedModels, metrics: Metrics, mailbox: Mailbox, task: str | None,
                  arrived: float) -> None:
-        self.engine, self.models, self.metrics = engine, models, metrics
+        self.engine, self.models, self.metrics, self.mailbox = engine, models, metrics, mailbox
         self.task, self.label, self.arrived = task, task or models.name, arrived
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self.request_ids: list[str] = []
         self.prompt_tokens = 0
@@ -80,11 +108,8 @@ class Job:
                 self.abort()
                 raise engine_error(self.models, self.task, e, status=400) from None
 
-    def _push(self, index: int, output: Output) -> None:  # on the engine thread: keep it tiny
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, output))
-        except RuntimeError:  # the event loop is gone: nobody is waiting any more
-            pass
+    def _push(self, index: int, output: Output) -> None:  # on the engine thread
+        self.mailbox.put(self.queue, (index, output))
 
     async def outputs(self) -> AsyncIterator[tuple[int, Output]]:
         """(choice index, Output) as they come, until every choice has finished."""

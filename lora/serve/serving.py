@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import copy
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -16,12 +17,13 @@ from fastapi.responses import StreamingResponse
 from ..errors import LoraError
 from ..prompts import prompt_ids
 from ..structured import Grammar, guide, request_constraint
-from .engine_client import Job, dead_error, engine_error
+from .engine_client import Job, Mailbox, dead_error, engine_error
 from .limits import Limits, seeded
 from .metrics import Metrics
 from .models import ServedModels
 from .protocol import APIError, Sampling
 
+log = logging.getLogger("lora.serve")
 LONG_PROMPT_CHARS = 1 << 16  # longer prompts are tokenized in a thread of their own (see Serving.__init__)
 T = TypeVar("T")
 
@@ -38,13 +40,20 @@ class Serving:
         self.start_ids = [] if start is None else [start]  # what an empty prompt becomes, as OpenAI's models see it
         # Prompts are tokenized in worker threads, long ones (up to seconds of CPU each) in a thread of their
         # own so they queue behind each other, never in front of short ones. HF tokenizers are not safe to
-        # share across threads: each thread gets its own copy.
-        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prompts")
-        self._long_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-long-prompts")
+        # share across threads: each thread gets its own copy, made when the thread starts (a copy takes about
+        # 0.3 s of CPU: made during a burst of requests, it would stall the engine's steps).
         self._local = threading.local()
+        self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="lora-prompts",
+                                                           initializer=self._copy_tokenizer)
+        self._long_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lora-long-prompts",
+                                                                initializer=self._copy_tokenizer)
+        self._mailbox: Mailbox | None = None  # made on the event loop, at the first request
         # binding the tokenizer to llguidance takes about a second: done now, off the event loop, so neither the
-        # first structured request nor the first logprobs shaped (token bytes) waits for it
+        # first structured request nor the first logprobs shaped (token bytes) waits for it. Each submit while
+        # no thread is idle starts one: these start every worker thread now.
         self._pool.submit(guide, tokenizer)
+        self._pool.submit(int)
+        self._long_pool.submit(int)
 
     def close(self) -> None:
         for pool in (self._pool, self._long_pool):
@@ -59,6 +68,12 @@ class Serving:
         """fn(*args, **kwargs) in a worker thread; `chars`: the text it tokenizes, which picks the pool."""
         pool = self._long_pool if chars > LONG_PROMPT_CHARS else self._pool
         return await asyncio.get_running_loop().run_in_executor(pool, partial(fn, *args, **kwargs))
+
+    def _copy_tokenizer(self) -> None:
+        try:
+            self._tokenizer()
+        except Exception:  # noqa: BLE001 - a failed initializer breaks the pool; the copy is retried at first use
+            log.exception("copying the tokenizer for a worker thread failed")
 
     def _tokenizer(self) -> Any:
         if not hasattr(self._local, "tokenizer"):
@@ -108,7 +123,9 @@ class Serving:
         self.check_alive()
         sampling = [self.limits.sampling(body, self.limits.max_tokens_for(max_tokens, len(ids), default_max_tokens,
                                                                           param), param, extra) for ids in prompts]
-        job = Job(self.engine, self.models, self.metrics, task, arrived)
+        if self._mailbox is None or self._mailbox.loop is not asyncio.get_running_loop():
+            self._mailbox = Mailbox(asyncio.get_running_loop())
+        job = Job(self.engine, self.models, self.metrics, self._mailbox, task, arrived)
         for ids, params in zip(prompts, sampling):  # checked them all first: nothing runs for a refused request
             job.submit(ids, [seeded(params, j) for j in range(n)])
         return job
