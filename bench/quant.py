@@ -12,6 +12,8 @@ linear layers, turns on non-reentrant gradient checkpointing and trains --steps 
 random batch of --batch_size x --seq_len tokens (every position a target):
   float32, nf4, fp4, int8, w8a16   lora-pytorch: lora.load_model(quantize=...), lora.inject, its chunked
                                    loss (lora.loss.CausalLMLoss), as `lora finetune` trains
+  nf4-bf16                         the same with --dtype bfloat16 --compute_dtype bfloat16: the embedding,
+                                   norms and head stored in bfloat16, 4-bit matmuls in bfloat16
   peft-nf4, peft-fp4, peft-int8    PEFT + bitsandbytes as its QLoRA recipe runs: transformers' loader with
                                    BitsAndBytesConfig (the record lora.quant.quantization_config gives),
                                    prepare_model_for_kbit_training, get_peft_model, model(**batch).loss
@@ -73,7 +75,7 @@ SHAPES = {
                   num_key_value_heads=4, vocab_size=4096),
 }
 LOAD_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "whole-nf4", "transformers-nf4", "transformers-int8")
-TRAIN_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
+TRAIN_RUNS = ("float32", "nf4", "nf4-bf16", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
 DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8", "engine-float32", "engine-w8a16",
                "engine-w8a16-float-head", "engine-w8a16-task", "engine-w8a16-compiled", "engine-float32-compiled",
                "engine-nf4", "llama.cpp-q8_0")
@@ -146,7 +148,10 @@ def ours(args, method):
     import lora
     from lora.loss import CausalLMLoss
 
-    model = lora.load_model(args.model_dir, quantize=None if method == "float32" else method)[0]
+    method, _, bf16 = method.partition("-")  # nf4-bf16: --dtype bfloat16 --compute_dtype bfloat16
+    model = lora.load_model(args.model_dir, dtype="bfloat16" if bf16 else "float32",
+                            quantize=None if method == "float32" else method,
+                            compute_dtype="bfloat16" if bf16 else None)[0]
     lora.inject(model, "all-linear", r=args.rank, alpha=2 * args.rank)
     model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
