@@ -9,7 +9,7 @@ import torch
 from .atomic import atomic_directory
 from .errors import LoraError
 from .quant import check_quantization, quantize_model
-from .quant_load import load_quantized
+from .quant_load import NotReadable, load_quantized
 
 if TYPE_CHECKING:  # transformers loads lazily: `import lora` stays fast
     from transformers import PreTrainedTokenizerBase
@@ -117,11 +117,13 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | 
     q = None if quantize is None else check_quantization(quantize, double_quant, compute_dtype, quantize_head)
     path = resolve_model_path(name_or_path)
     try:
-        # A quantized base is quantized as its safetensors are read (lora.quant_load): never whole in float.
-        model: Any = q and load_quantized(path, resolve_dtype(dtype), q, resolve_device(device))
-        if q and model is None:
-            print(f"{path}: its tensor names need transformers' renaming on load, so it is loaded whole in float "
-                  "and then quantized (peak memory: the float model's size)", file=sys.stderr)
+        model: Any = None
+        if q is not None:  # quantized as its safetensors are read (lora.quant_load): never whole in float
+            try:
+                model = load_quantized(path, resolve_dtype(dtype), q, resolve_device(device))
+            except NotReadable as e:
+                print(f"{path}: {e}, so it is loaded whole in float and then quantized (peak memory: the float "
+                      "model's size)", file=sys.stderr)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
             if q:

@@ -31,6 +31,10 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+class NotReadable(Exception):
+    """This model cannot be quantized as it is read (the message says why): load it whole, then quantize_model."""
+
+
 def safetensors_files(path: str) -> list[str]:
     """The model folder's safetensors weight files, or a LoraError: pickled weights are never read here."""
     if os.path.exists(os.path.join(path, SINGLE_FILE)):
@@ -104,8 +108,11 @@ def _skeleton(path: str, dtype: torch.dtype) -> Any:
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     config.name_or_path = path  # as from_pretrained leaves it
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (RuntimeError, NotImplementedError) as e:  # its __init__ computes with a parameter's values
+        raise NotReadable(f"{type(e).__name__} building it without weights") from e
     if model.can_generate() and os.path.exists(os.path.join(path, "generation_config.json")):
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     return model
@@ -124,17 +131,17 @@ def _set(module: nn.Module, name: str, value: torch.Tensor, key: str) -> None:
         module._buffers[name] = value
 
 
-def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any) -> Any | None:
-    """The causal LM in `path` with quantize_model's layers quantized as they are read; None where the
+def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any) -> Any:
+    """The causal LM in `path` with quantize_model's layers quantized as they are read. NotReadable where the
     checkpoint's tensor names are not the model's own (transformers renames those on load: an old or converted
-    checkpoint), then load it whole and use quantize_model."""
+    checkpoint) or the model cannot be built without its weights; then load it whole and use quantize_model."""
     files = safetensors_files(path)
     where = _keys(files)
     model = _skeleton(path, dtype)
     targets = set(quantizable_names(model, q))
     tied = {key for key, source in model.all_tied_weights_keys.items() if key not in where and source in where}
     if set(where) != set(model.state_dict()) - tied:  # tied: a head that is the embedding, tie_weights sets it
-        return None
+        raise NotReadable("its tensor names are not the model's own (transformers renames them on load)")
     for file in files:
         with _open(file) as f:
             for key in f.keys():

@@ -89,5 +89,6 @@ def test_a_checkpoint_transformers_must_rename_is_loaded_whole_and_says_so(tiny_
     tiny_tokenizer.save_pretrained(tmp_path)
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     new = lora.load_model(tmp_path, quantize="nf4")[0]
-    assert "tensor names need transformers' renaming on load, so it is loaded whole" in capsys.readouterr().err
+    assert ("its tensor names are not the model's own (transformers renames them on load), so it is loaded whole "
+            "in float and then quantized") in capsys.readouterr().err
     assert_same_model(new, old_way(tiny_llama, "nf4"), tiny_tokenizer)
