@@ -139,7 +139,8 @@ def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any) 
     where = _keys(files)
     model = _skeleton(path, dtype)
     targets = set(quantizable_names(model, q))
-    tied = {key for key, source in model.all_tied_weights_keys.items() if key not in where and source in where}
+    tied_keys = getattr(model, "all_tied_weights_keys", None) or {}  # transformers 5: tied name -> its source
+    tied = {key for key, source in tied_keys.items() if key not in where and source in where}
     if set(where) != set(model.state_dict()) - tied:  # tied: a head that is the embedding, tie_weights sets it
         raise NotReadable("its tensor names are not the model's own (transformers renames them on load)")
     for file in files:
