@@ -15,7 +15,8 @@ read per token), so `nf4`, `fp4` and `int8` give the model
 quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
 logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
 LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
-take a merged task): `dequantize_model` gives float Linears back for merge and export.
+take a merged task): `dequantize_model` gives float Linears back for merge and export. lora.load_model does not
+call quantize_model on a loaded model: lora.quant_load quantizes each layer with quantize_linear as it is read.
 """
 from __future__ import annotations
 
