@@ -3,14 +3,17 @@
     .venv/bin/python bench/quant.py              # all of it; a 1b step is ~18 TFLOP: minutes each on 2 cores
     .venv/bin/python bench/quant.py --shape small --seq_len 64 --decode_tokens 8 --repeats 1   # a quick check
     .venv/bin/python bench/quant.py --parts train --runs float32,nf4,peft-nf4     # a subset
+    .venv/bin/python bench/quant.py --parts load --threads 1   # load peaks: ours, the old way, transformers' bnb
 
 Training (--parts train): a Llama with random weights, shaped like TinyLlama-1.1B (--shape 1b: hidden 2048,
 22 layers, MLP 5632, 32 heads / 4 KV heads, vocab 32000; --shape small for a quick check), written once to a
 temporary folder in bfloat16 and loaded in float32 by every run. Each run adds LoRA r=16 alpha=32 to all
 linear layers, turns on non-reentrant gradient checkpointing and trains --steps AdamW steps on the same seeded
 random batch of --batch_size x --seq_len tokens (every position a target):
-  float32, nf4, fp4, int8, w8a16   lora-pytorch: load, lora.quant.quantize_model, lora.inject, its chunked
+  float32, nf4, fp4, int8, w8a16   lora-pytorch: lora.load_model(quantize=...), lora.inject, its chunked
                                    loss (lora.loss.CausalLMLoss), as `lora finetune` trains
+  nf4-bf16                         the same with --dtype bfloat16 --compute_dtype bfloat16: the embedding,
+                                   norms and head stored in bfloat16, 4-bit matmuls in bfloat16
   peft-nf4, peft-fp4, peft-int8    PEFT + bitsandbytes as its QLoRA recipe runs: transformers' loader with
                                    BitsAndBytesConfig (the record lora.quant.quantization_config gives),
                                    prepare_model_for_kbit_training, get_peft_model, model(**batch).loss
@@ -21,6 +24,13 @@ steps after the first (input tokens per second from it) and their median CPU sec
 cores the steadier figure of the work a step takes). Peak RSS depends on glibc's allocator, which keeps freed
 blocks of up to 32 MiB for reuse: with MALLOC_MMAP_THRESHOLD_=1048576 in the environment (every run inherits it)
 freed blocks go back to the OS and the peak is close to the memory a step uses, at some CPU cost.
+
+Loading (--parts load, the same random model; each run its own process): float32, nf4, fp4, int8, w8a16
+lora.load_model(quantize=...) (a quantized base is quantized as its safetensors are read); whole-nf4 loads it whole
+in float32 with transformers and then runs lora.quant.quantize_model (what load_model did before);
+transformers-nf4, transformers-int8 transformers' loader with BitsAndBytesConfig (PEFT's QLoRA recipe). Reported:
+the process's RSS high-water mark (the load's peak; Python with torch, transformers and bitsandbytes imported is
+the floor), the RSS once loaded and the CPU seconds of the load.
 
 Decode (--parts decode): single-stream greedy decoding on SmolLM2-135M-Instruct, each run its own process, the same
 prompt ids, end-of-sequence ignored: float32, w8a16, w8a16-head (its tied head too): transformers' generate;
@@ -64,7 +74,8 @@ SHAPES = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=4096),
 }
-TRAIN_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
+LOAD_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "whole-nf4", "transformers-nf4", "transformers-int8")
+TRAIN_RUNS = ("float32", "nf4", "nf4-bf16", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
 DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8", "engine-float32", "engine-w8a16",
                "engine-w8a16-float-head", "engine-w8a16-task", "engine-w8a16-compiled", "engine-float32-compiled",
                "engine-nf4", "llama.cpp-q8_0")
@@ -72,10 +83,12 @@ LLAMA_PYTHON = "/work/llama-venv/bin/python"  # a venv with llama-cpp-python (be
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--parts", default="train,decode", help="comma-separated: train, decode")
+p.add_argument("--parts", default="train,decode", help="comma-separated: load, train, decode")
 p.add_argument("--shape", choices=SHAPES, default="1b")
 p.add_argument("--runs", default="float32,nf4,int8,w8a16,peft-nf4,peft-int8",
                help=f"training runs, comma-separated, in order: {', '.join(TRAIN_RUNS)}")
+p.add_argument("--load_runs", default="float32,nf4,whole-nf4,transformers-nf4",
+               help=f"load runs, comma-separated: {', '.join(LOAD_RUNS)}")
 p.add_argument("--steps", type=int, default=3, help="optimizer steps per training run (the first is not timed)")
 p.add_argument("--batch_size", type=int, default=4)
 p.add_argument("--seq_len", type=int, default=512)
@@ -124,18 +137,21 @@ def write_random_model(args, folder):
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq_len),
                          tie_word_embeddings=False, initializer_range=0.02)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    # lora.load_model loads a tokenizer too: a one-word one will do (these runs feed token ids)
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            unk_token="<unk>").save_pretrained(folder)
 
 
 def ours(args, method):
-    from transformers import AutoModelForCausalLM
-
     import lora
     from lora.loss import CausalLMLoss
-    from lora.quant import quantize_model
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    if method != "float32":
-        quantize_model(model, method)
+    method, _, bf16 = method.partition("-")  # nf4-bf16: --dtype bfloat16 --compute_dtype bfloat16
+    model = lora.load_model(args.model_dir, dtype="bfloat16" if bf16 else "float32",
+                            quantize=None if method == "float32" else method,
+                            compute_dtype="bfloat16" if bf16 else None)[0]
     lora.inject(model, "all-linear", r=args.rank, alpha=2 * args.rank)
     model.gradient_checkpointing_enable({"use_reentrant": False})
     model.train()
@@ -189,6 +205,28 @@ def train_child(args):
             "step_s": timed[len(timed) // 2], "step_cpu_s": cpu_timed[len(cpu_timed) // 2],
             "tokens_per_s": args.batch_size * args.seq_len / timed[len(timed) // 2],
             "losses": [round(x, 4) for x in losses], "trainable": sum(p.numel() for p in params)}
+
+
+def load_child(args):
+    """Load the random model one way (see LOAD_RUNS); the process's RSS high-water mark is the load's peak."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import lora
+    from lora.quant import quantization_config, quantize_model
+
+    floor, cpu, method = status_kib("VmHWM"), time.process_time(), args.run.split("-")[-1]
+    if args.run.startswith("transformers-"):
+        record = {k: v for k, v in quantization_config(method).items() if k != "quant_method"}
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, device_map="cpu",
+                                                     quantization_config=BitsAndBytesConfig(**record))
+    elif args.run.startswith("whole-"):
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+        quantize_model(model, method)
+    else:
+        model = lora.load_model(args.model_dir, quantize=None if method == "float32" else method)[0]
+    assert model is not None  # held while RSS is read
+    return {"run": args.run, "load_peak_gib": gib(status_kib("VmHWM")), "loaded_rss_gib": gib(status_kib("VmRSS")),
+            "floor_gib": gib(floor), "load_cpu_s": time.process_time() - cpu}
 
 
 def timed(run, stamps, cpu_seconds, sample):
@@ -333,6 +371,15 @@ def train_table(args, results):
               "from CPU seconds, steadier on shared cores)")
 
 
+def load_table(args, results):
+    print(f"\n### Loading the {args.shape}-shaped Llama (bfloat16 safetensors) in float32 or quantized\n")
+    print("| run | peak RSS while loading (GiB) | RSS loaded (GiB) | Python + libraries before (GiB) | CPU s |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['run']} | {r['load_peak_gib']:.2f} | {r['loaded_rss_gib']:.2f} | {r['floor_gib']:.2f} | "
+              f"{r['load_cpu_s']:.1f} |")
+
+
 def decode_table(args, results):
     best = {}
     for r in results:
@@ -375,21 +422,25 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(train_child(args) if args.child == "train" else decode_child(args)))
+        print(json.dumps({"load": load_child, "train": train_child, "decode": decode_child}[args.child](args)))
         return
     parts = args.parts.split(",")
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads, {platform.system()} "
           f"{platform.machine()}; {versions()}; load average before: {load_average()}")
-    if "train" in parts:
-        runs = args.runs.split(",")
-        unknown = [r for r in runs if r not in TRAIN_RUNS]
-        if unknown:
-            p.error(f"unknown --runs {unknown}; choose from {', '.join(TRAIN_RUNS)}")
+    load_runs, runs = args.load_runs.split(",") if "load" in parts else [], args.runs.split(",") if "train" in parts else []
+    unknown = [r for r in load_runs if r not in LOAD_RUNS] + [r for r in runs if r not in TRAIN_RUNS]
+    if unknown:
+        p.error(f"unknown runs {unknown}; --load_runs: {', '.join(LOAD_RUNS)}; --runs: {', '.join(TRAIN_RUNS)}")
+    if load_runs or runs:
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix="quant-bench-") as folder:
             print(f"writing a random {args.shape}-shaped Llama to {folder}", file=sys.stderr)
             write_random_model(args, folder)
+            loaded = [r for run in load_runs if (r := child(args, "load", run, folder))]
             results = [r for run in runs if (r := child(args, "train", run, folder))]
-        train_table(args, results)
+        if loaded:
+            load_table(args, loaded)
+        if results:
+            train_table(args, results)
     if "decode" in parts:
         runs = args.decode_runs.split(",")
         unknown = [r for r in runs if r not in DECODE_RUNS]

@@ -9,6 +9,7 @@ import torch
 from .atomic import atomic_directory
 from .errors import LoraError
 from .quant import check_quantization, quantize_model
+from .quant_load import NotReadable, load_quantized
 
 if TYPE_CHECKING:  # transformers loads lazily: `import lora` stays fast
     from transformers import PreTrainedTokenizerBase
@@ -113,15 +114,22 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | 
     from transformers import AutoModelForCausalLM
 
     name_or_path = os.fspath(name_or_path)
-    if quantize is not None:
-        check_quantization(quantize, double_quant, compute_dtype, quantize_head)  # before a long load
+    q = None if quantize is None else check_quantization(quantize, double_quant, compute_dtype, quantize_head)
     path = resolve_model_path(name_or_path)
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
+        model: Any = None
+        if q is not None:  # quantized as its safetensors are read (lora.quant_load): never whole in float
+            try:
+                model = load_quantized(path, resolve_dtype(dtype), q, resolve_device(device))
+            except NotReadable as e:
+                print(f"{path}: {e}, so it is loaded whole in float and then quantized (peak memory: the float "
+                      "model's size)", file=sys.stderr)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
+            if q:
+                quantize_model(model, q.method, q.double_quant, q.compute_dtype, resolve_device(device), q.head)
     except (OSError, ValueError) as e:
         raise LoraError(f"cannot load a causal language model from {path}: {e}") from None
     model.config._name_or_path = name_or_path if name_or_path == DEFAULT_MODEL else path
-    if quantize is not None:
-        quantize_model(model, quantize, double_quant, compute_dtype, device=resolve_device(device), head=quantize_head)
     model.to(resolve_device(device)).eval()
     return model, load_tokenizer(name_or_path)

@@ -15,7 +15,8 @@ read per token), so `nf4`, `fp4` and `int8` give the model
 quantization_config(...)` being what PEFT, transformers and vLLM read for such a base (equal
 logits; but 4-bit layers here never switch to bitsandbytes' eval-only CPU repacking, see _bnb_linear).
 LoRA layers wrap these modules like any Linear; merging into them is refused (packed weights cannot
-take a merged task): `dequantize_model` gives float Linears back for merge and export.
+take a merged task): `dequantize_model` gives float Linears back for merge and export. lora.load_model does not
+call quantize_model on a loaded model: lora.quant_load quantizes each layer with quantize_linear as it is read.
 """
 from __future__ import annotations
 
@@ -207,23 +208,44 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
     if getattr(model, RECORD_ATTR, None) is not None:
         raise LoraError(f"this model is already quantized ({getattr(model, RECORD_ATTR)['method']}); load a fresh "
                         "base model to quantize it another way")
-    bnb = import_bitsandbytes(method) if method in BNB_METHODS else None
-    names = quantizable(model, head)
+    names = quantizable_names(model, q)
+    for name in names:
+        linear: Any = model.get_submodule(name)
+        if linear.weight.device.type == "meta":
+            raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
+        model.set_submodule(name, quantize_linear(linear, q, device))
+    mark_quantized(model, q)
+    return names
+
+
+def quantizable_names(model: nn.Module, q: Quantization) -> list[str]:
+    """quantizable(model, q.head), or a LoraError where there is none (or bitsandbytes is missing)."""
+    if q.method in BNB_METHODS:
+        import_bitsandbytes(q.method)
+    names = quantizable(model, q.head)
     if not names:
         raise LoraError(f"{type(model).__name__} has no Linear layer to quantize besides its output head "
                         "(Conv1D layers, as in GPT-2, are not quantized)")
-    for name in names:
-        linear: Any = model.get_submodule(name)
-        target = device if device is not None else linear.weight.device
-        if linear.weight.device.type == "meta":
-            raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
-        new = Int8Linear.from_linear(linear).to(target) if bnb is None else _bnb_linear(bnb, linear, q, target)
-        model.set_submodule(name, new.train(linear.training))
+    return names
+
+
+def quantize_linear(linear: nn.Linear, q: Quantization, device: Any = None) -> nn.Module:
+    """The quantized layer standing for `linear` (its float weight is not kept), on `device` (default: where
+    the weight is). One layer of quantize_model; loading quantizes each layer with it as its weight is read."""
+    target = device if device is not None else linear.weight.device
+    if q.method in BNB_METHODS:
+        new = _bnb_linear(import_bitsandbytes(q.method), linear, q, target)
+    else:
+        new = Int8Linear.from_linear(linear).to(target)
+    return new.train(linear.training)
+
+
+def mark_quantized(model: nn.Module, q: Quantization) -> None:
+    """Leave the record on a model whose layers were quantized (see model_quantization)."""
     config: Any = getattr(model, "config", None)
-    if head and getattr(config, "tie_word_embeddings", False):
+    if q.head and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # head and embedding now differ: saved (de-quantized) as two weights
     setattr(model, RECORD_ATTR, asdict(q))
-    return names
 
 
 def quantization_config(method: str, double_quant: bool = False, compute_dtype: str | None = None,
