@@ -42,9 +42,7 @@ def answers_as_eager(mt, backend):  # noqa: F811
         eager.generate(*cases[-1], GREEDY)  # mixed steps on the shared model attach hooks: no trace may see them
     compiled_when_done(compiled)
     assert eager.stats()["compiled_decode"] == "off" and eager.stats()["compiled_steps_total"] == 0
-    steps = compiled.stats()["compiled_steps_total"]
     compiled.generate(*cases[-1], GREEDY)  # its first mixed decode step starts compiling the graph with updates
-    assert compiled.stats()["compiled_steps_total"] == steps  # ... while eager steps serve
     compiled_when_done(compiled)
     answer_as_before(compiled, cases, before)
 
@@ -60,7 +58,8 @@ def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):  # noqa:
 
 
 @pytest.mark.long
-def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(tiny_llama, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # slow: minutes
+def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(tiny_llama, tiny_tokenizer, tmp_path, backend):
     """Over a quantized base every task step runs per-token updates: once compiled they run in the graph (captured
     by the "eager" backend: an update left out would change the answers), one graph for any mix of tasks and for a
     new task taking a slot. A blend's steps (its forward hooks) stay eager."""
@@ -72,7 +71,7 @@ def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(tiny_llama, t
     eager = Engine(quantized, max_num_seqs=3)
     expected = [eager.generate(p, t, GREEDY) for p, t in cases]  # every task takes a slot
     assert len({tuple(e[0].new_token_ids) for e in expected[:3]}) == 3  # the tasks change the answer
-    compiled = Engine(quantized, max_num_seqs=3, enforce_eager=False, compile_backend="eager")
+    compiled = Engine(quantized, max_num_seqs=3, enforce_eager=False, compile_backend=backend)
     compiled_when_done(compiled)
     compiled.generate(*cases[1], GREEDY)  # the first task step starts compiling the graph with updates
     compiled_when_done(compiled)

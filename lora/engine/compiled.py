@@ -25,6 +25,7 @@ import logging
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -64,16 +65,25 @@ def decode_step(cache: SlotCache, inputs: torch.Tensor, slots: list[int], length
                 logits_to_keep=inputs[KEEP, :n], lora_step=step)
 
 
-class UpdateGraph:
-    """The compiled forward of one slot layout, each row adding its own slot's update (-1: none) in the graph."""
+def run_tree(tree: torch.nn.Module, **inputs: Any) -> Any:
+    return tree(**inputs)
 
-    def __init__(self, forward: Callable[..., Any], rows: RowSlots) -> None:
-        self.forward, self.rows = forward, rows
+
+class UpdateGraph:
+    """The compiled forward of one slot layout, each row adding its own slot's update (-1: none) in the graph.
+
+    torch.compile keeps compiled graphs per code object, at most 8 (recompile_limit), tried one after another on
+    each call: compiled from a copy of `run_tree` with a code object of its own, a layout's graphs neither take
+    the base step's places nor are tried on its calls (nor its graphs on theirs)."""
+
+    def __init__(self, tree: torch.nn.Module, rows: RowSlots, backend: Callable[..., Any]) -> None:
+        own = types.FunctionType(run_tree.__code__.replace(), run_tree.__globals__)
+        self.forward, self.tree, self.rows = torch.compile(own, dynamic=True, backend=backend), tree, rows
         self.ready = threading.Event()
 
     def __call__(self, row_slots: torch.Tensor, **inputs: Any) -> Any:
         self.rows.index = row_slots
-        return self.forward(**inputs)
+        return self.forward(self.tree, **inputs)
 
 
 class CompiledDecode:
@@ -115,8 +125,7 @@ class CompiledDecode:
             if self._thread.is_alive():  # one compile at a time
                 return None
             rows = RowSlots(row_slots.device)
-            new = UpdateGraph(
-                torch.compile(slot_tree(self._model, table, rows).forward, dynamic=True, backend=self._traced), rows)
+            new = UpdateGraph(slot_tree(self._model, table, rows), rows, self._traced)
             self._updates[key] = new
             self._thread = threading.Thread(target=self._warm_up_update, args=(key, new), name="lora-compile",
                                             daemon=True)
