@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,7 +99,7 @@ class CompiledDecode:
         self.error: BaseException | None = None
         self._model, self._cache, self._inputs, self._lock = model, cache, torch.empty_like(inputs), lock
         self._unhook = unhook
-        self._updates: dict[Hashable, UpdateGraph | None] = {}  # per slot layout; None: compiling it failed
+        self._updates: dict[tuple[Any, ...], UpdateGraph | None] = {}  # per slot layout; None: compiling it failed
         self._thread = threading.Thread(target=self._warm_up, name="lora-compile", daemon=True)
         self._thread.start()
 
@@ -126,6 +126,8 @@ class CompiledDecode:
                 return None
             rows = RowSlots(row_slots.device)
             new = UpdateGraph(slot_tree(self._model, table, rows), rows, self._traced)
+            # a layout outgrown is not coming back (slots only grow): its tree would keep the old slot tensors alive
+            self._updates = {k: v for k, v in self._updates.items() if k[0] != id(table)}
             self._updates[key] = new
             self._thread = threading.Thread(target=self._warm_up_update, args=(key, new), name="lora-compile",
                                             daemon=True)
@@ -199,7 +201,7 @@ class CompiledDecode:
         say(f"the compiled decode step is ready ({seconds:.0f} s)")
         self.ready.set()
 
-    def _warm_up_update(self, key: Hashable, graph: UpdateGraph) -> None:
+    def _warm_up_update(self, key: tuple[Any, ...], graph: UpdateGraph) -> None:
         say("compiling the decode step with tasks' per-token updates in the background; eager steps serve meanwhile")
         try:
             seconds = self._compile(lambda **inputs: graph(self._inputs[LORA, :inputs["input_ids"].shape[1]],
