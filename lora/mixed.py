@@ -288,7 +288,9 @@ class SlotUpdate(torch.nn.Module):
     """`base` plus each row's own slot's update: scale * (x @ A[slot]) @ B[slot], rows of slot -1 adding nothing.
 
     Fixed shapes (each row gathers its slot's A and B), so the update sits inside a compiled graph; computed in
-    the slots' dtype and added before the output's one rounding, as the hooks do.
+    the slots' dtype and added before the output's one rounding, as the hooks do. Written as products summed,
+    not matmuls: inductor fuses each into one loop reading the gathered slot (measured on a w8a16 SmolLM2 layer,
+    one row, one thread, loaded: +9 us over the layer's 95 us, where gather-and-bmm cost +31 us).
     """
 
     def __init__(self, base: torch.nn.Module, weights: SlotWeights, table: AdapterSlots, rows: RowSlots) -> None:
@@ -301,9 +303,9 @@ class SlotUpdate(torch.nn.Module):
         if w.embedding:
             h = w.A[slot, x.reshape(-1)]
         else:
-            h = torch.bmm(x.reshape(-1, 1, x.shape[-1]).to(w.A.dtype), w.A[slot]).squeeze(1)
+            h = (x.reshape(-1, x.shape[-1], 1).to(w.A.dtype) * w.A[slot]).sum(1)
         h = torch.where((index >= 0)[:, None], h * self.table.scales[slot][:, None], 0.0)
-        update = torch.bmm(h[:, None], w.B[slot]).view(out.shape)
+        update = (h[:, :, None] * w.B[slot]).sum(1).view(out.shape)
         return out + update if out.dtype == update.dtype else (out.to(update.dtype) + update).to(out.dtype)
 
 
