@@ -12,7 +12,7 @@ tokens, not the number of distinct tasks in the step. A step whose tokens all ha
 step of a single stream) skips the grouping: its rows are that one group as they are.
 
 Compiled decode steps (lora.engine.compiled) take the update another way, with fixed shapes: `slot_tree` copies
-the model's module tree (sharing every parameter and untouched module) with each adapted module wrapped in a
+the model's module tree (sharing every parameter and buffer) with each adapted module wrapped in a
 `SlotUpdate`, which gathers every row's A and B from the slot tensors by a per-row slot index (Punica's BGMV,
 vLLM's LoRA in CUDA graphs). The slot tensors and the index are read at each call, so compiled code takes them as
 inputs: one graph serves any mix of tasks, and a task taking a slot needs no recompile.
@@ -309,23 +309,31 @@ class SlotUpdate(torch.nn.Module):
         return out + update if out.dtype == update.dtype else (out.to(update.dtype) + update).to(out.dtype)
 
 
+FORWARD_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                 "_forward_pre_hooks_with_kwargs")  # nn.Module's per-module forward hook dicts
+
+
 def slot_tree(model: torch.nn.Module, table: AdapterSlots, rows: RowSlots) -> torch.nn.Module:
-    """A copy of `model`'s module tree in which each module of `table` is a SlotUpdate around it; every other
-    module, and every parameter and buffer, is shared (a switch of the model's weights is the copy's too)."""
-    root = copy.copy(model)
-    root._modules = dict(model._modules)
-    copies = {id(root)}
+    """A copy of `model`'s module tree in which each module of `table` is a SlotUpdate around its copy.
+
+    Every parameter and buffer is shared (a switch of the model's weights is the copy's too); the modules are
+    copies with forward hooks of their own, so hooks added to the model later (a mixed step's, an applied task's)
+    and forward methods set on its modules for one step (engine.packed) never reach the copy: it can be traced
+    while the model serves."""
+    copies: dict[int, torch.nn.Module] = {}
+
+    def copied(module: torch.nn.Module) -> torch.nn.Module:
+        if id(module) not in copies:
+            twin = copies[id(module)] = copy.copy(module)
+            for name in FORWARD_HOOKS:
+                twin.__dict__[name] = type(module.__dict__[name])(module.__dict__[name])
+            twin.__dict__["_modules"] = {k: None if m is None else copied(m) for k, m in module._modules.items()}
+        return copies[id(module)]
+    root = copied(model)
     for name, weights in table.modules.items():
-        parent, (*path, leaf) = root, name.split(".")
-        for part in path:  # copy the containers on the way down (once each), never the shared leaves
-            child = parent.get_submodule(part)
-            if id(child) not in copies:
-                child = copy.copy(child)
-                child._modules = dict(child._modules)
-                parent._modules[part] = child
-                copies.add(id(child))
-            parent = child
-        parent._modules[leaf] = SlotUpdate(model.get_submodule(name), weights, table, rows)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = root.get_submodule(parent_name)
+        parent._modules[leaf] = SlotUpdate(parent.get_submodule(leaf), weights, table, rows)
     return root
 
 

@@ -12,14 +12,16 @@ runs eager, never recompiling on the serving thread; prompt chunks and steps und
 eager. If compiling fails the engine logs why and those steps stay eager.
 Parameters are inputs of the compiled graph, not constants (no inductor freezing), so switching a task's
 merged weights in never needs a recompile.
-The warm-up traces the forward under the tasks' lock, as the runner runs its steps, with no task's forward
-hooks on the model (`unhook`): a mixed step of another engine over the same model attaches hooks for the length
-of its forward, a quantized base's applied task or blend keeps them on, and a trace that saw them would take
-them in. The lock is let go while the traced graph is compiled to code (inductor's minutes), which reads the
-graph alone, so serving waits on tracing only.
+The warm-up traces the model's forward under the tasks' lock, as the runner runs its steps, with no task's
+forward hooks on the model (`unhook`): a mixed step of another engine over the same model attaches hooks for the
+length of its forward, a quantized base's applied task or blend keeps them on, and a trace that saw them would
+take them in. The lock is let go while the traced graph is compiled to code (inductor's minutes), which reads
+the graph alone, so serving waits on that tracing only. The tree with updates is a copy whose modules hooks
+added to the model never reach: it is traced without the lock, so serving never waits on it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -78,12 +80,22 @@ class UpdateGraph:
 
     def __init__(self, tree: torch.nn.Module, rows: RowSlots, backend: Callable[..., Any]) -> None:
         own = types.FunctionType(run_tree.__code__.replace(), run_tree.__globals__)
-        self.forward, self.tree, self.rows = torch.compile(own, dynamic=True, backend=backend), tree, rows
+        self.tree, self.rows = tree, rows
+        self.forward, self.run = torch.compile(own, dynamic=True, backend=backend), torch._dynamo.run(own)
         self.ready = threading.Event()
 
     def __call__(self, row_slots: torch.Tensor, **inputs: Any) -> Any:
+        """A step: the compiled code, or eager where there is none for it (never a compile)."""
+        self.rows.index = row_slots
+        return self.run(self.tree, **inputs)
+
+    def compile(self, row_slots: torch.Tensor, **inputs: Any) -> Any:
         self.rows.index = row_slots
         return self.forward(self.tree, **inputs)
+
+    def eager(self, row_slots: torch.Tensor, **inputs: Any) -> Any:
+        self.rows.index = row_slots
+        return self.tree(**inputs)
 
 
 class CompiledDecode:
@@ -92,26 +104,28 @@ class CompiledDecode:
     def __init__(self, model: Any, cache: SlotCache, inputs: torch.Tensor, lock: threading.RLock,
                  backend: str = "inductor", unhook: Callable[[], None] = lambda: None) -> None:
         self._compile_graph = torch._dynamo.lookup_backend(backend)
-        self.forward = torch.compile(model.forward, dynamic=True, backend=self._traced)
+        self.forward = torch.compile(model.forward, dynamic=True, backend=self._traced)  # compiles (the warm-up)
+        # Serving runs compiled code only, eager where there is none (never a compile on its thread). Per thread,
+        # as torch.compiler.set_stance is not: a stance set while serving would stop the warm-up's compiles.
+        self._run = torch._dynamo.run(model.forward)
         self.steps = 0  # steps run compiled
         self._graph_runs = 0  # calls of compiled graphs (see _traced)
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._model, self._cache, self._inputs, self._lock = model, cache, torch.empty_like(inputs), lock
-        self._unhook = unhook
+        self._unhook, self._locked = unhook, False  # _locked: the compile thread holds the lock (see _traced)
         self._updates: dict[tuple[Any, ...], UpdateGraph | None] = {}  # per slot layout; None: compiling it failed
         self._thread = threading.Thread(target=self._warm_up, name="lora-compile", daemon=True)
         self._thread.start()
 
     def __call__(self, **inputs: Any) -> Any:
         """One decode step; a kind of step the warm-up did not compile runs eager rather than wait on a compile."""
-        return self._counted(self.forward, **inputs)
+        return self._counted(self._run, **inputs)
 
     def _counted(self, forward: Callable[..., Any], **inputs: Any) -> Any:
-        """forward(**inputs), eager where it would need a recompile; `steps` counts the calls that ran compiled code."""
+        """forward(**inputs); `steps` counts the calls that ran compiled code."""
         runs = self._graph_runs
-        with torch.compiler.set_stance("eager_on_recompile"):
-            out = forward(**inputs)
+        out = forward(**inputs)
         self.steps += self._graph_runs > runs
         return out
 
@@ -153,7 +167,7 @@ class CompiledDecode:
     def _traced(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """The backend: compile a graph traced by the warm-up with the tasks' lock let go (see the module doc);
         its calls are counted, so `steps` counts only the steps that ran compiled code."""
-        if threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._thread or not self._locked:
             compiled = self._compile_graph(graph, example_inputs)
         else:
             self._lock.release()
@@ -167,25 +181,26 @@ class CompiledDecode:
             return compiled(*args)
         return run
 
-    def _compile(self, forward: Callable[..., Any]) -> float:
+    def _compile(self, forward: Callable[..., Any], eager: Callable[..., Any], locked: bool) -> float:
         """Compile `forward` for every kind of decode step, so that serving never waits on a recompile: one
         sequence (the compiler specialises size 1) in slot 0 or another, several in slots 0..n-1 or with idle
         slots between them, each at two lengths (the first value of a size is specialised, the next makes it
-        dynamic). Returns the seconds it took."""
+        dynamic). `eager` fills the scratch cache first; `locked`: trace under the lock with no task's hooks on
+        the model. Returns the seconds it took."""
         start = time.perf_counter()
         scratch = SlotCache(self._cache.slots, self._cache.max_len)
         try:
             with torch.no_grad():
                 scratch.reach(8)
-                with self._lock:  # eager: fills the scratch cache's layers
-                    self._unhook()
-                    self._model(**decode_step(scratch, self._inputs, [0], 1))
-                for slots, length in KINDS:
+                for i, (slots, length) in enumerate([([0], 1), *KINDS]):
                     if max(slots) < scratch.slots:
-                        with self._lock:  # no step's hooks on the model while tracing
-                            self._unhook()
-                            forward(**decode_step(scratch, self._inputs, slots, length))
+                        with self._lock if locked else contextlib.nullcontext():
+                            if locked:
+                                self._unhook()
+                            self._locked = locked
+                            (forward if i else eager)(**decode_step(scratch, self._inputs, slots, length))
         finally:
+            self._locked = False
             scratch.layers.clear()
         return time.perf_counter() - start
 
@@ -193,7 +208,7 @@ class CompiledDecode:
         say("compiling the decode step in the background (torch.compile; --enforce-eager turns it off); "
             "eager steps serve meanwhile")
         try:
-            seconds = self._compile(self.forward)
+            seconds = self._compile(self.forward, self._model, locked=True)
         except Exception as e:  # noqa: BLE001 - the eager step still serves; say why it stays
             self.error = e
             log.warning("compiling the decode step failed, steps stay eager: %s: %s", type(e).__name__, e)
@@ -204,8 +219,10 @@ class CompiledDecode:
     def _warm_up_update(self, key: tuple[Any, ...], graph: UpdateGraph) -> None:
         say("compiling the decode step with tasks' per-token updates in the background; eager steps serve meanwhile")
         try:
-            seconds = self._compile(lambda **inputs: graph(self._inputs[LORA, :inputs["input_ids"].shape[1]],
-                                                           **inputs))
+            def rows_of(inputs: dict[str, Any]) -> torch.Tensor:
+                return self._inputs[LORA, :inputs["input_ids"].shape[1]]
+            seconds = self._compile(lambda **inputs: graph.compile(rows_of(inputs), **inputs),
+                                    lambda **inputs: graph.eager(rows_of(inputs), **inputs), locked=False)
         except Exception as e:  # noqa: BLE001 - the eager step still serves; say why it stays
             self._updates[key] = None
             log.warning("compiling the decode step with tasks failed, their steps stay eager: %s: %s",
