@@ -318,8 +318,7 @@ def slot_tree(model: torch.nn.Module, table: AdapterSlots, rows: RowSlots) -> to
 
     Every parameter and buffer is shared (a switch of the model's weights is the copy's too); the modules are
     copies with forward hooks of their own, so hooks added to the model later (a mixed step's, an applied task's)
-    and forward methods set on its modules for one step (engine.packed) never reach the copy: it can be traced
-    while the model serves."""
+    and forward methods set on its modules for one step (engine.packed) never reach the copy."""
     copies: dict[int, torch.nn.Module] = {}
 
     def copied(module: torch.nn.Module) -> torch.nn.Module:

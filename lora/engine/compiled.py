@@ -16,12 +16,11 @@ The warm-up traces the model's forward under the tasks' lock, as the runner runs
 forward hooks on the model (`unhook`): a mixed step of another engine over the same model attaches hooks for the
 length of its forward, a quantized base's applied task or blend keeps them on, and a trace that saw them would
 take them in. The lock is let go while the traced graph is compiled to code (inductor's minutes), which reads
-the graph alone, so serving waits on that tracing only. The tree with updates is a copy whose modules hooks
-added to the model never reach: it is traced without the lock, so serving never waits on it.
+the graph alone, so serving waits on tracing only. The tree with updates is traced the same way: traced beside
+serving steps (which point the shared parameters at other weights) dynamo's analysis diverged.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import sys
@@ -113,7 +112,7 @@ class CompiledDecode:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._model, self._cache, self._inputs, self._lock = model, cache, torch.empty_like(inputs), lock
-        self._unhook, self._locked = unhook, False  # _locked: the compile thread holds the lock (see _traced)
+        self._unhook = unhook
         self._updates: dict[tuple[Any, ...], UpdateGraph | None] = {}  # per slot layout; None: compiling it failed
         self._thread = threading.Thread(target=self._warm_up, name="lora-compile", daemon=True)
         self._thread.start()
@@ -167,7 +166,7 @@ class CompiledDecode:
     def _traced(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """The backend: compile a graph traced by the warm-up with the tasks' lock let go (see the module doc);
         its calls are counted, so `steps` counts only the steps that ran compiled code."""
-        if threading.current_thread() is not self._thread or not self._locked:
+        if threading.current_thread() is not self._thread:
             compiled = self._compile_graph(graph, example_inputs)
         else:
             self._lock.release()
@@ -181,12 +180,11 @@ class CompiledDecode:
             return compiled(*args)
         return run
 
-    def _compile(self, forward: Callable[..., Any], eager: Callable[..., Any], locked: bool) -> float:
+    def _compile(self, forward: Callable[..., Any], eager: Callable[..., Any]) -> float:
         """Compile `forward` for every kind of decode step, so that serving never waits on a recompile: one
         sequence (the compiler specialises size 1) in slot 0 or another, several in slots 0..n-1 or with idle
         slots between them, each at two lengths (the first value of a size is specialised, the next makes it
-        dynamic). `eager` fills the scratch cache first; `locked`: trace under the lock with no task's hooks on
-        the model. Returns the seconds it took."""
+        dynamic). `eager` fills the scratch cache first. Returns the seconds it took."""
         start = time.perf_counter()
         scratch = SlotCache(self._cache.slots, self._cache.max_len)
         try:
@@ -194,13 +192,10 @@ class CompiledDecode:
                 scratch.reach(8)
                 for i, (slots, length) in enumerate([([0], 1), *KINDS]):
                     if max(slots) < scratch.slots:
-                        with self._lock if locked else contextlib.nullcontext():
-                            if locked:
-                                self._unhook()
-                            self._locked = locked
+                        with self._lock:  # no step's hooks on the model while tracing
+                            self._unhook()
                             (forward if i else eager)(**decode_step(scratch, self._inputs, slots, length))
         finally:
-            self._locked = False
             scratch.layers.clear()
         return time.perf_counter() - start
 
@@ -208,7 +203,7 @@ class CompiledDecode:
         say("compiling the decode step in the background (torch.compile; --enforce-eager turns it off); "
             "eager steps serve meanwhile")
         try:
-            seconds = self._compile(self.forward, self._model, locked=True)
+            seconds = self._compile(self.forward, self._model)
         except Exception as e:  # noqa: BLE001 - the eager step still serves; say why it stays
             self.error = e
             log.warning("compiling the decode step failed, steps stay eager: %s: %s", type(e).__name__, e)
@@ -222,7 +217,7 @@ class CompiledDecode:
             def rows_of(inputs: dict[str, Any]) -> torch.Tensor:
                 return self._inputs[LORA, :inputs["input_ids"].shape[1]]
             seconds = self._compile(lambda **inputs: graph.compile(rows_of(inputs), **inputs),
-                                    lambda **inputs: graph.eager(rows_of(inputs), **inputs), locked=False)
+                                    lambda **inputs: graph.eager(rows_of(inputs), **inputs))
         except Exception as e:  # noqa: BLE001 - the eager step still serves; say why it stays
             self._updates[key] = None
             log.warning("compiling the decode step with tasks failed, their steps stay eager: %s: %s",
