@@ -38,6 +38,8 @@ engine-float32, engine-w8a16 (the head too: the serving default), engine-w8a16-f
 engine-nf4: MultiTaskModel(quantize=...) and lora's engine, as `lora serve --quantize` runs, the base model;
 engine-w8a16-task: serving a seeded random all-linear r=8 adapter (every step runs the per-token update);
 engine-*-compiled: Engine(enforce_eager=False) once its background compile is done (the time it took is printed);
+engine-w8a16-compiled-task: both, the task's update inside the compiled graph (compiled after the warm-up's first
+task step, then warmed up again);
 llama.cpp-q8_0: llama-cpp-python (run by --llama_python) on the same weights as a Q8_0 GGUF (the packaged GGUF's
 Q4_1 tensors de-quantized, as lora.load_model does, and written as Q8_0; the tied token_embd stays Q8_0; cached
 in --cache). Tokens per second after the first token (generate's runs count the prefill too) and CPU ms per
@@ -78,7 +80,7 @@ LOAD_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "whole-nf4", "transformer
 TRAIN_RUNS = ("float32", "nf4", "nf4-bf16", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
 DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8", "engine-float32", "engine-w8a16",
                "engine-w8a16-float-head", "engine-w8a16-task", "engine-w8a16-compiled", "engine-float32-compiled",
-               "engine-nf4", "llama.cpp-q8_0")
+               "engine-w8a16-compiled-task", "engine-nf4", "llama.cpp-q8_0")
 LLAMA_PYTHON = "/work/llama-venv/bin/python"  # a venv with llama-cpp-python (bench/README.md)
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
@@ -242,18 +244,22 @@ def engine_decode(args):
     from lora.engine import Engine, SamplingParams
 
     name, *options = args.run.removeprefix("engine-").split("-", 1)  # e.g. w8a16, ["float-head"]
-    task = "task" if options == ["task"] else None
+    task = "task" if options and options[0].endswith("task") else None
+    compiled = bool(options) and options[0].startswith("compiled")
     mt = lora.MultiTaskModel("smollm2-135m", {"task": args.adapter} if task else None, device="cpu",
                              quantize=None if name == "float32" else name,
                              quantize_head=False if options == ["float-head"] else None)
     gc.collect()
     release_free_memory()
     ids = mt.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
-    engine, start = Engine(mt, max_num_seqs=1, enforce_eager=options != ["compiled"]), time.perf_counter()
-    if engine.runner.compiled and not engine.runner.compiled.wait():
-        raise RuntimeError(f"compiling failed: {engine.runner.compiled.error!r}")
-    compile_s = time.perf_counter() - start if engine.runner.compiled else None
-    engine.generate([ids], [task], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    engine, start = Engine(mt, max_num_seqs=1, enforce_eager=not compiled), time.perf_counter()
+    compile_s = None
+    for _ in range(2 if compiled and task else 1):  # a task's first step starts compiling its graph
+        if compiled and not engine.runner.compiled.wait():
+            raise RuntimeError(f"compiling failed: {engine.runner.compiled.error!r}")
+        compile_s = time.perf_counter() - start if compiled else None
+        engine.generate([ids], [task], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
+    steps = engine.stats()["compiled_steps_total"]
     stamps, tokens, done = [], [], []
 
     def on_output(out):
@@ -264,6 +270,8 @@ def engine_decode(args):
     engine.add_request(ids, task, SamplingParams(max_tokens=args.decode_tokens, ignore_eos=True), on_output)
     while not (done and done[-1]):
         engine.step()
+    if compiled and engine.stats()["compiled_steps_total"] - steps < args.decode_tokens - 1:
+        raise RuntimeError(f"decode steps ran eager: {engine.stats()}")
     return {**timed(args.run, stamps, time.process_time() - cpu, mt.tokenizer.decode(tokens[:24])), "compile_s": compile_s}
 
 

@@ -24,10 +24,11 @@ import torch
 
 from ..errors import LoraError
 from ..logprobs import TokenLogprobs, token_logprobs
+from ..mixed import AdapterSlots
 from ..structured import apply_masks
 from . import sampler
 from .attention import ATTENTION, ChunkRows, DecodeRow, SlotAttention
-from .compiled import IDS, KEEP, LENGTH, POSITION, SLOT, TASK, CompiledDecode
+from .compiled import IDS, KEEP, LENGTH, LORA, POSITION, SLOT, TASK, CompiledDecode
 from .kv_cache import SlotCache
 from .packed import PackedLinears
 from .request import Request, Spec
@@ -41,6 +42,12 @@ class MixedTasks(Protocol):
     def select(self, index: torch.Tensor) -> None: ...
 
     def attached(self) -> AbstractContextManager[None]: ...
+
+    @property
+    def table(self) -> AdapterSlots: ...
+
+    @property
+    def token_slots(self) -> torch.Tensor: ...
 
 
 class Tasks(Protocol):
@@ -121,7 +128,7 @@ class ModelRunner:
         self.device, self.mode, self.merge_after, self.max_loras = tasks.device, mode, merge_after, max_loras
         self.model.set_attn_implementation(ATTENTION)
         on_gpu = self.device.type != "cpu"
-        self._host = torch.zeros(6, max(max_tokens, cache.slots), dtype=torch.long, pin_memory=on_gpu)
+        self._host = torch.zeros(7, max(max_tokens, cache.slots), dtype=torch.long, pin_memory=on_gpu)
         self._rows = self._host.numpy()
         self._device = torch.empty_like(self._host, device=self.device) if on_gpu else self._host
         self.eos = torch.tensor(eos, dtype=torch.long, device=self.device)
@@ -134,7 +141,7 @@ class ModelRunner:
         self._spec: Spec = None
         self.packed = PackedLinears(self.model) if prepack_weights else None
         self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device, tasks.lock,
-                                                                    compile_backend)
+                                                                    compile_backend, self._unhook)
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Each sampled request's next token; requests of a failing task get their error instead."""
@@ -197,6 +204,9 @@ class ModelRunner:
         with self.tasks.lock:
             mixed = self._policy(layout.decode + [c.request for c in plan.chunks], [1] * len(layout.decode) +
                                  [c.end - c.start for c in plan.chunks])
+            if mixed is not None:
+                mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
+            forward = self._compiled(plan, mixed, n)
             width = max(n, hi, layout.kept)
             if self._device is not self._host:
                 self._device[:, :width].copy_(self._host[:, :width], non_blocking=True)
@@ -213,16 +223,10 @@ class ModelRunner:
                                       hi == len(layout.decode), decode_len, mask, layout.chunks, rows)
             self.cache.reach(layout.reach)
             context: AbstractContextManager[None] = contextlib.nullcontext()
-            if mixed is not None:
-                mixed.select(self._host[TASK, :n][None])  # tokens are grouped by task on the host
-                context = mixed.attached()
-            forward: Any = self.model
-            # Compiled code ignores forward hooks added after it was traced (dynamo does not guard on them), so it
-            # runs only steps with no task's update by hooks: plain or merged weights, or a quantized base's steps
-            # whose mixed updates hold no task (over a quantized base a task activated is forward hooks too).
-            plain = not mixed.tasks if mixed is not None else self.tasks.merges or self._spec is None
-            if plain and not plan.chunks and self.compiled is not None and self.compiled.ready.is_set():
-                forward = self.compiled  # a decode step on plain or merged weights
+            if forward is None:  # eager: a task's update by forward hooks
+                forward = self.model
+                context = mixed.attached() if mixed is not None else context
+            else:
                 attention.rows = None  # as the compiled step was traced: one batched attention (no recompile)
             packed: AbstractContextManager[None] = contextlib.nullcontext()
             if forward is self.model and self.packed is not None and not plan.chunks:  # see engine.packed
@@ -285,6 +289,28 @@ class ModelRunner:
                 result.prompt_logprobs.append(TokenLogprobs(int(e.request.prompt[0]), None))
             result.prompt_logprobs.extend(entries[at:at + e.end - e.start])
             at += e.end - e.start
+
+    def _compiled(self, plan: StepPlan, mixed: MixedTasks | None, n: int) -> Any:
+        """The compiled forward for this step, or None (eager). Compiled code ignores forward hooks added after it
+        was traced (dynamo does not guard on them), so it runs decode steps on plain or merged weights, and those
+        with tasks' per-token updates on the graph that holds them (each row's slot written to the LORA row);
+        never a step under an applied task's hooks (a quantized base's blend: its task is hooks too)."""
+        compiled = self.compiled
+        if compiled is None or plan.chunks or not compiled.ready.is_set():
+            return None
+        if mixed is None:
+            return compiled if self.tasks.merges or self._spec is None else None
+        if not mixed.tasks:
+            return compiled
+        forward = compiled.with_update(mixed.table, self._device[LORA, :n])
+        if forward is not None:
+            self._rows[LORA, :n] = mixed.token_slots.reshape(-1).numpy()
+        return forward
+
+    def _unhook(self) -> None:
+        """No applied task's forward hooks on the model (a quantized base's): what a compile's trace must see."""
+        if not self.tasks.merges:
+            self.tasks.activate(None)
 
     def forget_tasks(self) -> None:
         """Drop the mixed updates built for the current tasks (one may have been registered again)."""
