@@ -15,11 +15,16 @@ GREEDY = SamplingParams(max_tokens=10, min_tokens=10)
 
 
 @pytest.fixture(scope="module")
-def mt(tiny_tokenizer, tmp_path_factory):
-    """test_engine's tasks over a 1-layer llama: tracing takes seconds per layer, and one layer has every kind of
-    module the tasks change (the steps, slots and hooks under test do not depend on the depth)."""
-    base = save_tiny_model("llama", tmp_path_factory.mktemp("one-layer-llama"), tiny_tokenizer, layers=1)
-    return engine_tasks(base, tmp_path_factory.mktemp("one-layer-adapters"))
+def one_layer_llama(tiny_tokenizer, tmp_path_factory):
+    """A 1-layer llama: tracing takes seconds per layer, and one layer has every kind of module the tasks change
+    (the steps, slots and hooks under test do not depend on the depth)."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("one-layer-llama"), tiny_tokenizer, layers=1)
+
+
+@pytest.fixture(scope="module")
+def mt(one_layer_llama, tmp_path_factory):
+    """test_engine's tasks over the 1-layer llama."""
+    return engine_tasks(one_layer_llama, tmp_path_factory.mktemp("one-layer-adapters"))
 
 
 def compiled_when_done(engine, state="ready"):
@@ -67,12 +72,13 @@ def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):
 
 @pytest.mark.long
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # slow: minutes
-def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(tiny_llama, tiny_tokenizer, tmp_path, backend):
+def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(one_layer_llama, tiny_tokenizer, tmp_path,
+                                                                   backend):
     """Over a quantized base every task step runs per-token updates: once compiled they run in the graph (captured
     by the "eager" backend: an update left out would change the answers), one graph for any mix of tasks and for a
     new task taking a slot. A blend's steps (its forward hooks) stay eager."""
     torch._dynamo.reset()
-    quantized = lora.MultiTaskModel(tiny_llama, quantized_adapters(tiny_llama, tmp_path, "w8a16"), quantize="w8a16")
+    quantized = lora.MultiTaskModel(one_layer_llama, quantized_adapters(one_layer_llama, tmp_path, "w8a16"), quantize="w8a16")
     ids = [tiny_tokenizer(f"What colour is the {thing}?")["input_ids"] for thing in ("apple", "river", "stone")]
     cases = [([ids[0]], [None]), ([ids[0]], ["qa"]), ([ids[1]], ["sum"]), (ids, ["emb", "qa", None]),
              (ids[:2], ["sum", "emb"])]
@@ -90,7 +96,7 @@ def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(tiny_llama, t
     assert compiled.generate([ids[0]], [blend], GREEDY)[0].new_token_ids == answer.new_token_ids
     assert compiled.stats()["compiled_steps_total"] == steps  # hooks: eager
 
-    quantized.add_downstream("new", make_adapter(tiny_llama, tmp_path / "new", "all-linear", seed=7))
+    quantized.add_downstream("new", make_adapter(one_layer_llama, tmp_path / "new", "all-linear", seed=7))
     new = [(ids, ["new", "emb", "qa"])]  # the new task evicts the least recently used one from its slot
     expected = [eager.generate(*new[0], GREEDY)]
     answer_as_before(compiled, new, expected)  # same slots' layout: the same graph, never recompiled
