@@ -191,7 +191,7 @@ class MixedAdapters:
     def __init__(self, slots: AdapterSlots, tasks: Sequence[str],
                  acquire: Callable[[Sequence[str]], list[int]]) -> None:
         self.tasks = tuple(tasks)
-        self.table = self._table = slots
+        self.table = slots
         self._acquire = acquire
         self._token_slots: torch.Tensor | None = None
         self._segments: dict[tuple[int, ...], Segments | None] = {}
@@ -206,8 +206,8 @@ class MixedAdapters:
         self._segments = {}
         first = int(self._token_slots.reshape(-1)[0])
         self._whole = slice(first, first + 1) if first >= 0 and bool((self._token_slots == first).all()) else None
-        adapted = set().union(*(self._table.adapted[s] for s in slots))
-        self._modules = [w for name, w in self._table.modules.items() if name in adapted]
+        adapted = set().union(*(self.table.adapted[s] for s in slots))
+        self._modules = [w for name, w in self.table.modules.items() if name in adapted]
 
     @property
     def token_slots(self) -> torch.Tensor:
@@ -238,7 +238,7 @@ class MixedAdapters:
 
         The update is computed in the slots' dtype and added before the one rounding to the output's dtype.
         """
-        scales = self._table.scales
+        scales = self.table.scales
 
         def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             x = args[0]

@@ -216,9 +216,10 @@ class ModelRunner:
             if hi:
                 lengths = inputs[LENGTH, :hi]
                 mask = (torch.arange(decode_len, device=self.device)[None, :] < lengths[:, None])[:, None, None]
-            # on a CPU each decode row attends over its own length only (see attention)
+            # on a CPU an eager step's decode rows attend each over its own length (see attention); a compiled
+            # step keeps the one batched attention it was traced with (no recompile)
             rows = [DecodeRow(r.slot, len(r.prompt) + len(r.tokens)) for r in layout.decode] \
-                if self.device.type == "cpu" else None
+                if self.device.type == "cpu" and forward is None else None
             attention = SlotAttention(self.cache, inputs[SLOT, :n], inputs[POSITION, :n], len(layout.decode), hi,
                                       hi == len(layout.decode), decode_len, mask, layout.chunks, rows)
             self.cache.reach(layout.reach)
@@ -226,8 +227,6 @@ class ModelRunner:
             if forward is None:  # eager: a task's update by forward hooks
                 forward = self.model
                 context = mixed.attached() if mixed is not None else context
-            else:
-                attention.rows = None  # as the compiled step was traced: one batched attention (no recompile)
             packed: AbstractContextManager[None] = contextlib.nullcontext()
             if forward is self.model and self.packed is not None and not plan.chunks:  # see engine.packed
                 merged = None if mixed is not None or self._spec is None else (self._spec, self.tasks.registrations)
