@@ -33,7 +33,6 @@ apart from merged vs unmerged rounding.
 The adapters are random (seeded), A and B drawn from N(0, 0.02): large enough to change the answers.
 """
 import argparse
-import contextlib
 import os
 import platform
 import random
@@ -45,6 +44,7 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the model and adapters are local
 
 import torch
+from machine import clock, cpu_model
 
 import lora
 from lora.engine import Engine, SamplingParams
@@ -97,8 +97,8 @@ torch.set_num_threads(args.threads)
 DEVICE = resolve_device(args.device)
 t_start, load_start = time.perf_counter(), os.getloadavg()[0]
 # One thread's CPU time hardly counts the time other processes hold the core; see the docstring.
-CLOCK, UNIT = ((time.process_time, "tokens per CPU-second") if args.threads == 1 and DEVICE == "cpu"
-               else (time.perf_counter, "tokens/s"))
+CLOCK, CPU = clock(args.threads if DEVICE == "cpu" else 0)
+UNIT = "tokens per CPU-second" if CPU else "tokens/s"
 PROMPT_FORMAT = "<|im_start|>user\n{instruction}\n{input}<|im_end|>\n<|im_start|>assistant\n"
 INSTRUCTIONS = ["Summarize the text in one sentence.", "Translate the text to French.", "List three facts from the text.",
                 "What is the main topic of the text?", "Write a headline for the text.", "Answer briefly: who is named?"]
@@ -322,15 +322,6 @@ def precision(model_path, paths, dtypes):
         print(f"| {dtype} | " + " | ".join(cells) + " |")
 
 
-def cpu_name():
-    """The CPU's model name on Linux (platform.processor() is often empty there)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def shape_line():
     targets = shape["targets"] if isinstance(shape["targets"], str) else "/".join(shape["targets"])
     model = f"random {args.shape}-shaped Llama" if args.shape else args.model
@@ -346,7 +337,7 @@ with tempfile.TemporaryDirectory() as folder:
         speed(model_path, paths)
 
 gpu = f", {torch.cuda.get_device_name()}" if DEVICE.startswith("cuda") else ""
-print(f"\nMachine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs{gpu}, "
+print(f"\nMachine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPUs{gpu}, "
       f"{args.threads} torch threads, load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
       f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}. "
       f"Whole run: {time.perf_counter() - t_start:.0f} s.")

@@ -19,7 +19,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the model is local
 
 import torch
-from machine import cpu_model, load_average
+from machine import clock, cpu_model, load_average
 
 import lora
 from lora.engine import Engine, SamplingParams
@@ -33,7 +33,8 @@ p.add_argument("--threads", type=int, default=1, help="torch threads; with 1 the
 p.add_argument("--backend", default="inductor", help="torch.compile backend (eager: capture only, no code generation)")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-CLOCK, UNIT = (time.process_time, "tokens per CPU-second") if args.threads == 1 else (time.perf_counter, "tokens/s")
+CLOCK, CPU = clock(args.threads)
+UNIT = "tokens per CPU-second" if CPU else "tokens/s"
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the 
 
 import torch
 import transformers
-from machine import cpu_model
+from machine import clock, cpu_model
 
 import lora
 from lora.checkpoint import Adapter, ModuleAdapter
@@ -46,7 +46,8 @@ p.add_argument("--repeats", type=int, default=5)
 p.add_argument("--threads", type=int, default=1, help="torch threads; with 1 the clock is CPU time")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-CLOCK, CLOCK_NAME = (time.process_time, "CPU ms") if args.threads == 1 else (time.perf_counter, "ms")
+CLOCK, CPU = clock(args.threads)
+CLOCK_NAME = f"{CPU}ms"
 counts = [int(k) for k in args.tasks.split(",")]
 rank = args.rank or (16 if args.shape else 8)
 dtype = getattr(torch, args.dtype)

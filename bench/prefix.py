@@ -17,12 +17,11 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the model is local
 
 import torch
-from machine import cpu_model, load_average
+from machine import clock, cpu_model, load_average
 from make_adapters import make_adapters
 
 import lora
@@ -37,7 +36,8 @@ p.add_argument("--block-size", type=int, default=16)
 p.add_argument("--threads", type=int, default=1, help="torch threads; with 1 the clock is CPU time")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-CLOCK, UNIT = (time.process_time, "CPU seconds") if args.threads == 1 else (time.perf_counter, "seconds")
+CLOCK, CPU = clock(args.threads)
+UNIT = f"{CPU}seconds"
 generator = torch.Generator().manual_seed(0)
 
 

@@ -12,12 +12,11 @@ wall time.
 """
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded: the model is local
 
 import torch
-from machine import cpu_model, load_average
+from machine import clock, cpu_model, load_average
 
 import lora
 from lora.engine import Engine, SamplingParams
@@ -31,7 +30,8 @@ p.add_argument("--repeats", type=int, default=2)
 p.add_argument("--threads", type=int, default=1, help="torch threads; with 1 the clock is CPU time")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
-CLOCK, UNIT = (time.process_time, "CPU ms") if args.threads == 1 else (time.perf_counter, "ms")
+CLOCK, CPU = clock(args.threads)
+UNIT = f"{CPU}ms"
 
 
 def decode_steps(tasks: lora.MultiTaskModel, batch: int, prepack: bool) -> tuple[float, list[list[int]]]:

@@ -43,6 +43,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from machine import cpu_model
+
 try:
     import httpx
     import openai
@@ -247,13 +249,7 @@ def pct(values, q):
 
 
 def machine_line():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def report(args, runs, answers, probes, loads):
