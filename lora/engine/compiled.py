@@ -138,7 +138,13 @@ class CompiledDecode:
             if self._thread.is_alive():  # one compile at a time
                 return None
             rows = RowSlots(row_slots.device)
-            new = UpdateGraph(slot_tree(self._model, table, rows), rows, self._traced)
+            try:  # on the serving thread: a failure here leaves these steps eager, never fails the step
+                new = UpdateGraph(slot_tree(self._model, table, rows), rows, self._traced)
+            except Exception as e:  # noqa: BLE001
+                log.warning("preparing the decode step with tasks failed, their steps stay eager: %s: %s",
+                            type(e).__name__, e)
+                self._updates[key] = None
+                return None
             # a layout outgrown is not coming back (slots only grow): its tree would keep the old slot tensors alive
             self._updates = {k: v for k, v in self._updates.items() if k[0] != id(table)}
             self._updates[key] = new
