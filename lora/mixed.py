@@ -172,8 +172,10 @@ class Segments:
 def plan(token_slots: np.ndarray, dtype: torch.dtype, device: torch.device) -> Spanned | Segments | None:
     """How a step's tokens (slot per token, -1: none) take their updates, decided once per step; None: no token
     has a task. Spanned when the tokens have one slot, or when tokens x slots in their range is at most
-    SPAN_LIMIT: then the products of other slots cost less than the gathers and scatters of segments (measured on
-    SmolLM2-135M, 8 decode rows and 3 tasks, one thread: 3 ops a module where segments took 6)."""
+    SPAN_LIMIT: then the products of other slots cost less than the gathers and scatters of segments. Measured
+    (SmolLM2-135M float32, prepacked weights, one thread, CPU time, loaded): 8 decode rows of 3 tasks cost 1.26x
+    the base model's step spanned, 1.36x in segments; at 8 rows x 8 slots the two are even, at 16 x 4 segments
+    win."""
     used = token_slots[token_slots >= 0]
     if not len(used):
         return None
