@@ -3,19 +3,24 @@
     .venv/bin/python bench/mixed.py                       # SmolLM2-135M, 64 decode rows, float32, 1 thread
     .venv/bin/python bench/mixed.py --shape llama-1b      # a 1B-shaped Llama, random weights, rank 16 on all linears
     .venv/bin/python bench/mixed.py --tokens 8 --tasks 1,8 --repeats 1   # a quick check that it runs
+    .venv/bin/python bench/mixed.py --tokens 8 --tasks 1,3,8 --prepack   # as the engine's eager decode steps run
 
 One step is a decode-shaped forward: --tokens sequences of one token each, token i for task i % k, over the
 base weights with each token's own task's low-rank update. Per k it times:
-  segmented  lora.mixed: tokens grouped by task once per step, each task's A and B applied to its own tokens
-             (from preallocated adapter slots), so the cost follows the tokens
+  segmented  lora.mixed: each task's A and B applied to its own tokens (from preallocated adapter slots), the
+             step planned once: few tokens over few neighbouring slots take them all at once (three ops a
+             layer), others are grouped by task, so the cost follows the tokens
   stacked    the implementation before it (kept here as the reference): every task's A and B stacked along
              the rank, every token multiplied by every task's ranks and the others' zeroed
-and, once, the base model alone (what a step of one task costs on its merged weights). The goal: a step with
+and, once, the base model alone (what a step of one task costs on its merged weights). With --prepack every
+linear layer runs on its oneDNN-prepacked weight (lora.engine.packed), as the engine's eager decode steps of
+several rows do on a CPU in float32, so the base alone is the engine's merged step. The goal: a step with
 64 tasks at most 1.3x a step with one task. Configurations take turns within each repeat and each keeps its
 best; with one thread on the CPU (the default) the clock is the process's CPU time, which other processes on
 a shared machine change far less than wall time; else wall time. Both implementations' logits are compared.
 """
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -30,6 +35,7 @@ from machine import clock, cpu_model
 
 import lora
 from lora.checkpoint import Adapter, ModuleAdapter
+from lora.engine.packed import PackedLinears, can_prepack
 from lora.mixed import AdapterSlots, MixedAdapters
 
 SHAPES = {"llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -44,6 +50,7 @@ p.add_argument("--rank", type=int, help="adapter rank (default 8; 16 with --shap
 p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 p.add_argument("--repeats", type=int, default=5)
 p.add_argument("--threads", type=int, default=1, help="torch threads; with 1 the clock is CPU time")
+p.add_argument("--prepack", action="store_true", help="linear layers on prepacked weights, as the engine's steps")
 args = p.parse_args()
 torch.set_num_threads(args.threads)
 CLOCK, CPU = clock(args.threads)
@@ -120,6 +127,9 @@ def main() -> None:
     by_name = {a.path: a for a in adapters}
     acquire = lambda names: slots.acquire([(n, 0) for n in names], by_name.__getitem__)  # noqa: E731
     ids = torch.randint(0, model.config.vocab_size, (args.tokens, 1), generator=torch.Generator().manual_seed(0))
+    if args.prepack and not can_prepack(torch.device("cpu"), dtype):
+        sys.exit("--prepack needs float32 and a PyTorch with oneDNN")
+    packed = PackedLinears(model) if args.prepack else None
     steps: dict[str, Callable[[], torch.Tensor]] = {"base": lambda: hooked(model, ids, [])}
     for k in counts:
         index = torch.tensor([[i % k + 1] for i in range(args.tokens)])
@@ -133,12 +143,12 @@ def main() -> None:
     best = {name: float("inf") for name in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            with torch.no_grad():
+            with torch.no_grad(), packed.attached(None, args.tokens) if packed else contextlib.nullcontext():
                 start = CLOCK()
                 step()
                 best[name] = min(best[name], (CLOCK() - start) * 1000)
     print(f"# {args.shape or args.model}, {args.dtype}, {args.tokens} decode rows, rank {rank} on every decoder "
-          f"linear, {args.threads} thread(s), {cpu_model()}, torch {torch.__version__}; best of {args.repeats}, "
+          f"linear, {'prepacked weights, ' if packed else ''}{args.threads} thread(s), {cpu_model()}, torch {torch.__version__}; best of {args.repeats}, "
           f"{CLOCK_NAME}")
     print(f"base model alone (one task on merged weights): {best['base']:.1f}")
     print("| tasks | segmented | x 1 task | stacked | x 1 task |\n|---:|---:|---:|---:|---:|")

@@ -122,8 +122,9 @@ def test_half_precision_update_is_rounded_once(tmp_path, tiny_llama, dtype):
 
 
 def test_each_token_gets_its_own_tasks_update_however_the_step_groups_them(tmp_path, tiny_llama):
-    """Decode-like steps (a token or a few per task), a prompt chunk beside single tokens, tasks in slots far
-    apart, ranks that differ and an adapted embedding: every token gets exactly its own task's update."""
+    """Decode-like steps (a token or a few per task, a few rows of neighbouring tasks and the base), a prompt chunk
+    beside single tokens, tasks in slots far apart, ranks that differ and an adapted embedding: every token gets
+    exactly its own task's update."""
     paths = {f"t{i}": make_adapter(tiny_llama, tmp_path / f"t{i}", ["embed_tokens", "q_proj"] if i % 2 else ["q_proj"],
                                    seed=i, r=2 + 2 * (i % 3)) for i in range(6)}
     adapters = {name: lora.read_adapter(path) for name, path in paths.items()}
@@ -135,6 +136,7 @@ def test_each_token_gets_its_own_tasks_update_however_the_step_groups_them(tmp_p
     steps = {"balanced": [t for t in [*names, None] for _ in range(4)],
              "chunk beside single tokens": ["t2"] * 40 + names + [None] * 3,
              "slots far apart": ["t5", "t0", None, "t5", "t0", "t0"],
+             "a few rows of neighbouring tasks and the base": ["t1", None, "t2", "t1", "t3"],
              "one task": ["t3"] * 9}
     for step, row_tasks in steps.items():
         order = torch.randperm(len(row_tasks), generator=generator).tolist()
