@@ -35,9 +35,28 @@ def no_loss_plot(request):
         yield
 
 
-def pytest_collection_modifyitems(items):
-    """Long tests first: under pytest-xdist one left for the end would keep one worker busy while the others idle."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
+@pytest.hookimpl(trylast=True)  # after `-m 'not slow'` deselects: the list xdist splits
+def pytest_collection_modifyitems(config, items):
+    """Long tests first on every worker: under pytest-xdist one left for the end would keep one worker busy while the
+    others idle. `--dist worksteal` hands worker i the i-th of n slices of this list (sized as below) and moves
+    tests from the end of one worker's slice to an idle worker: each slice starts with its share of the long tests,
+    a module's together (they share its fixtures). With them all in the first slice, one worker ran them one after
+    another while the other ran the rest."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    modules = {}
+    for item in items:
+        if item.get_closest_marker("long") is not None:
+            modules.setdefault(item.module.__name__, []).append(item)
+    rest = [item for item in items if item.get_closest_marker("long") is None]  # in their order
+    ordered, left = [], len(items)
+    for i in range(workers):
+        size = left // (workers - i)
+        mine = [item for group in list(modules.values())[i::workers] for item in group]
+        take = max(0, size - len(mine))
+        ordered += mine + rest[:take]
+        del rest[:take]
+        left -= size
+    items[:] = ordered + rest
 
 
 def make_records(n, seed=0, task="color"):

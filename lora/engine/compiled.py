@@ -1,7 +1,7 @@
 """The compiled decode step: the model's forward under torch.compile (inductor), compiled in the background.
 
 Compiling takes minutes on a small CPU, so it never holds up a request: a background thread compiles the
-forward for decode steps (one token per running sequence, any batch size and length: `dynamic=True`) on a
+forward for decode steps (one token per running sequence, any batch size and length: STEP_SIZES) on a
 scratch KV cache of the same shape as the engine's, while eager steps serve; once `ready` is set the runner
 uses it for steps that only decode on plain or merged weights. Decode steps with tasks' per-token updates run
 a second graph: the model's module tree with each adapted module wrapped (lora.mixed.slot_tree), whose update
@@ -45,7 +45,13 @@ def say(line: str) -> None:
 
 
 IDS, POSITION, SLOT, TASK, LENGTH, KEEP, LORA = range(7)  # rows of a step's input buffer (see runner)
-KINDS = [([0], 2), ([0], 3), ([1], 3), ([0, 1], 3), ([0, 1], 4), ([0, 2], 4), ([0, 2], 5)]  # see _compile
+KINDS = [([0], 2), ([1], 3), ([0, 1], 3), ([0, 2], 4)]  # slots decoding, length: see _compile
+# What differs between two decode steps of one kind: the rows' count (inputs, slot and position of each row, each
+# row's task slot), the length attended over (the step's ints and mask), and the task slots' count (it grows).
+# These are traced as symbols; the rest (the model's and the KV cache's sizes) are constants of the graph.
+STEP_SIZES = ",".join([r"L\['(kwargs|inputs)'\]\['(input_ids|position_ids|logits_to_keep)'\]",
+                       r"L\['(kwargs|inputs)'\]\['lora_step'\]\.(n_decode|hi|decode_len|slots|positions|decode_mask)",
+                       r".*\.rows\.index", r".*\.weights\.[AB]:0", r".*\.table\.scales"])
 
 
 def decode_step(cache: SlotCache, inputs: torch.Tensor, slots: list[int], length: int) -> dict[str, Any]:
@@ -80,7 +86,7 @@ class UpdateGraph:
     def __init__(self, tree: torch.nn.Module, rows: RowSlots, backend: Callable[..., Any]) -> None:
         own = types.FunctionType(run_tree.__code__.replace(), run_tree.__globals__)
         self.tree, self.rows = tree, rows
-        self.forward, self.run = torch.compile(own, dynamic=True, backend=backend), torch._dynamo.run(own)
+        self.forward, self.run = torch.compile(own, dynamic=False, backend=backend), torch._dynamo.run(own)
         self.ready = threading.Event()
 
     def __call__(self, row_slots: torch.Tensor, **inputs: Any) -> Any:
@@ -103,7 +109,7 @@ class CompiledDecode:
     def __init__(self, model: Any, cache: SlotCache, inputs: torch.Tensor, lock: threading.RLock,
                  backend: str = "inductor", unhook: Callable[[], None] = lambda: None) -> None:
         self._compile_graph = torch._dynamo.lookup_backend(backend)
-        self.forward = torch.compile(model.forward, dynamic=True, backend=self._traced)  # compiles (the warm-up)
+        self.forward = torch.compile(model.forward, dynamic=False, backend=self._traced)  # compiles (the warm-up)
         # Serving runs compiled code only, eager where there is none (never a compile on its thread). Per thread,
         # as torch.compiler.set_stance is not: a stance set while serving would stop the warm-up's compiles.
         self._run = torch._dynamo.run(model.forward)
@@ -189,12 +195,16 @@ class CompiledDecode:
     def _compile(self, forward: Callable[..., Any], eager: Callable[..., Any]) -> float:
         """Compile `forward` for every kind of decode step, so that serving never waits on a recompile: one
         sequence (the compiler specialises size 1) in slot 0 or another, several in slots 0..n-1 or with idle
-        slots between them, each at two lengths (the first value of a size is specialised, the next makes it
-        dynamic). `eager` fills the scratch cache first. Returns the seconds it took."""
+        slots between them (the attention branches on it). `eager` fills the scratch cache first. Returns the
+        seconds it took.
+
+        One trace per kind: STEP_SIZES are symbols from the first trace (a setting of this thread only), and
+        only they. Under `dynamic=True` every size was a symbol, each trace took longer, and a length equal to a
+        size of the model (2, as 2 kv heads) shared its symbol, so each kind was traced at two lengths."""
         start = time.perf_counter()
         scratch = SlotCache(self._cache.slots, self._cache.max_len)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.compiler.config.patch(dynamic_sources=STEP_SIZES):  # type: ignore[attr-defined]
                 scratch.reach(8)
                 for i, (slots, length) in enumerate([([0], 1), *KINDS]):
                     if max(slots) < scratch.slots:
