@@ -8,7 +8,7 @@ Quantized Linears (bitsandbytes' Linear4bit/Linear8bitLt, lora.quant's Int8Linea
 are wrapped the same way; their packed weights cannot take a merged adapter.
 """
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -59,7 +59,7 @@ class CastInputUpdate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                 out_dtype: torch.dtype) -> torch.Tensor:
         h = x.to(A.dtype) @ A.T
         ctx.save_for_backward(x, A, B, h)
@@ -67,7 +67,7 @@ class CastInputUpdate(torch.autograd.Function):
         return (h @ B.T).mul_(scaling).to(out_dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, A, B, h = ctx.saved_tensors
         # autograd's matmul folds leading dims into rows and runs mm; these are its mm backward formulas
         g = grad.to(A.dtype, copy=True).mul_(ctx.scaling).flatten(0, -2)
