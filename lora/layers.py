@@ -8,7 +8,7 @@ Quantized Linears (bitsandbytes' Linear4bit/Linear8bitLt, lora.quant's Int8Linea
 are wrapped the same way; their packed weights cannot take a merged adapter.
 """
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -50,6 +50,34 @@ def lora_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: floa
     return (h @ B.T) * scaling
 
 
+class CastInputUpdate(torch.autograd.Function):
+    """lora_update(x, A, B, scaling).to(out_dtype) for x in another dtype than A (a bfloat16 base under a
+    float32 adapter), with autograd's values and gradients (bit for bit on the shapes tests/test_layers.py
+    checks) in less memory: autograd over lora_update keeps a float32 copy of x per LoRA layer for A's
+    gradient (q, k and v each one of the same input); this keeps x itself and casts it again in backward,
+    which gives the same copy, and scales in place instead of into new float32 tensors.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                out_dtype: torch.dtype) -> torch.Tensor:
+        h = x.to(A.dtype) @ A.T
+        ctx.save_for_backward(x, A, B, h)
+        ctx.scaling = scaling
+        return (h @ B.T).mul_(scaling).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, A, B, h = ctx.saved_tensors
+        # autograd's matmul folds leading dims into rows and runs mm; these are its mm backward formulas
+        g = grad.to(A.dtype, copy=True).mul_(ctx.scaling).flatten(0, -2)
+        grad_h = g.mm(B)
+        grad_x = grad_h.mm(A).to(x.dtype).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_A = grad_h.t().mm(x.to(A.dtype).flatten(0, -2)) if ctx.needs_input_grad[1] else None
+        grad_B = g.t().mm(h.flatten(0, -2)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_A, grad_B, None, None
+
+
 class LoraLayer(nn.Module):
     """Wraps a base module; the base weight is shared, never copied, and stays frozen."""
 
@@ -72,8 +100,10 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        update = lora_update(self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling, self.embedding)
-        return out + update.to(out.dtype)
+        x = self.lora_dropout(x)
+        if self.embedding or x.dtype == self.lora_A.dtype:
+            return out + lora_update(x, self.lora_A, self.lora_B, self.scaling, self.embedding).to(out.dtype)
+        return out + CastInputUpdate.apply(x, self.lora_A, self.lora_B, self.scaling, out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A, self.lora_B, self.scaling, weight_is_transposed(self.base_layer))

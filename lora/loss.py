@@ -15,7 +15,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
 
-CHUNK_TOKENS = 1024  # logits of 1024 positions x 49k vocab in float32: 200 MB at a time
+# A chunk's backward holds three float32 logit tensors at once (the saved log-softmax, its gradient, the gradient
+# through it): 0.4-0.6 GB at 1024 positions x 32k-49k vocab, the peak of a whole training step of a 1B Llama at
+# 4 x 512 (README); at 256 positions 0.1-0.15 GB, below a decoder layer's backward.
+CHUNK_TOKENS = 256
 
 
 def target_count(labels: torch.Tensor) -> int:

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import lora
-from lora.layers import LoraLayer
+from lora.layers import LoraLayer, lora_update
 
 
 def load(path):
@@ -99,3 +99,24 @@ def test_merge_and_unload_gives_plain_model_with_same_output(tiny_llama):
     lora.merge_and_unload(model)
     assert not lora.lora_layers(model)
     assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 7, 48), (5, 48), (1, 1, 48)])
+def test_low_precision_base_trains_as_autograd_would_without_float_copies(dtype, shape):
+    """A bfloat16 base under a float32 adapter: the output and gradients equal plain autograd over
+    lora_update bit for bit, and backward keeps x as it came, not a float32 copy of it per layer."""
+    torch.manual_seed(0)
+    layer = LoraLayer(nn.Linear(48, 80).to(dtype), r=8, alpha=16)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(shape).to(dtype).requires_grad_()
+    grad = torch.randn(*shape[:-1], 80).to(dtype)
+    expected = layer.base_layer(x) + lora_update(x, layer.lora_A, layer.lora_B, layer.scaling).to(dtype)
+    expected_grads = torch.autograd.grad(expected, (x, layer.lora_A, layer.lora_B), grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert torch.equal(out, expected)
+    grads = torch.autograd.grad(out, (x, layer.lora_A, layer.lora_B), grad)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() == x.numel()]
