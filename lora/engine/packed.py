@@ -80,9 +80,9 @@ class PackedLinears:
     @staticmethod
     def _split(module: torch.nn.Linear, blocks: int) -> Any:
         weight = module.weight
+        blocked = weight.view(blocks, -1, weight.shape[1]).transpose(1, 2)  # a view: for this one forward
 
         def forward(x: torch.Tensor) -> torch.Tensor:  # x: one row, of any leading shape
-            blocked = weight.view(blocks, -1, weight.shape[1]).transpose(1, 2)
             out = torch.bmm(x.reshape(1, 1, -1).expand(blocks, 1, -1), blocked)
             return out.view(*x.shape[:-1], weight.shape[0])
         return forward
