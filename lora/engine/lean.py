@@ -11,9 +11,9 @@ keep the module's own), rotary embeddings applied to queries and keys in one go,
 engine's attention called directly. Every logit of an engine step comes out bit for bit as the model's own
 forward gives it (SmolLM2, float32 and bfloat16, one and three sequences, prompt chunks included).
 Measured together with the single stream's attention (engine.attention), SmolLM2-135M float32, AMD EPYC, 2
-cores, torch 2.13: one sequence's decode step 64.0 -> 55.9 ms of CPU on 1 thread (loaded), 42.7 -> 36.5 ms wall
-on 2 threads (near idle); 8 sequences 80.4 -> 76.7 ms (1 thread, loaded); the forward's glue alone (SmolLM2's
-layers with tiny matrices) 14.3 -> 8.8 ms a step.
+cores, torch 2.13: `bench/prepack.py --threads 2 --batch 1` (near idle) 46.4-46.8 -> 40.5-41.4 ms a decode step;
+1 thread, CPU time, loaded: one sequence 64.0 -> 55.9 ms, 8 sequences 80.4 -> 76.7 ms; the forward's glue
+alone (SmolLM2's layers with tiny matrices) 14.3 -> 8.8 ms a step.
 
 It serves one kind of model: LlamaForCausalLM (SmolLM2 is one) with its own module classes, SiLU and the
 engine's attention. Any other model, or a call where a module it would bypass has hooks or a replaced forward
