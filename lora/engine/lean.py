@@ -57,7 +57,6 @@ class LeanForward:
     def __init__(self, model: Any) -> None:
         self.model = model
         self._bypassed = lean_modules(model)  # None: not a model this forward knows
-        self.steps = 0  # forwards run lean (a count to watch the fallback)
 
     def usable(self) -> bool:
         """Whether this call can run lean: a known model, nothing hooked or replaced on the modules it bypasses."""
@@ -71,7 +70,6 @@ class LeanForward:
         if not self.usable():
             return self.model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
                               lora_step=lora_step, **kwargs)
-        self.steps += 1
         return Logits(self._forward(input_ids, position_ids, logits_to_keep, lora_step))
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
