@@ -62,13 +62,21 @@ class SlotAttention:
         Grouped-query heads need no copy: the G query heads that share a kv head become G queries of it.
         """
         k_cache, v_cache = self.cache.layer(layer, key)
-        k_cache[self.slots, :, self.positions] = key[0].transpose(0, 1)
-        v_cache[self.slots, :, self.positions] = value[0].transpose(0, 1)
         heads, d = query.shape[1], query.shape[3]
         kv_heads = k_cache.shape[1]
         groups = heads // kv_heads
-        out = query.new_empty(query.shape[2], heads, d)
         n = self.n_decode
+        if self.rows is not None and n == query.shape[2] == 1:  # a single stream: a copy in, views, no copy out
+            slot, length = self.rows[0]
+            k_cache[slot, :, length - 1] = key[0, :, 0]
+            v_cache[slot, :, length - 1] = value[0, :, 0]
+            q = query.reshape(1, kv_heads, groups, d)
+            o = F.scaled_dot_product_attention(q, k_cache[slot:slot + 1, :, :length],
+                                               v_cache[slot:slot + 1, :, :length], scale=scaling)
+            return o.view(1, 1, heads, d), None
+        k_cache[self.slots, :, self.positions] = key[0].transpose(0, 1)
+        v_cache[self.slots, :, self.positions] = value[0].transpose(0, 1)
+        out = query.new_empty(query.shape[2], heads, d)
         if n and self.rows is not None:
             q = query[0, :, :n].reshape(kv_heads, groups, n, d).permute(2, 0, 1, 3)  # (n, kv heads, G, d)
             for i, (slot, length) in enumerate(self.rows):

@@ -30,6 +30,7 @@ from . import sampler
 from .attention import ATTENTION, ChunkRows, DecodeRow, SlotAttention
 from .compiled import IDS, KEEP, LENGTH, LORA, POSITION, SLOT, TASK, CompiledDecode
 from .kv_cache import SlotCache
+from .lean import LeanForward
 from .packed import PackedLinears
 from .request import Request, Spec
 from .scheduler import StepPlan
@@ -140,6 +141,7 @@ class ModelRunner:
         self._merged_steps = 0
         self._spec: Spec = None
         self.packed = PackedLinears(self.model) if prepack_weights else None
+        self.lean = LeanForward(self.model)
         self.compiled = None if enforce_eager else CompiledDecode(self.model, cache, self._device, tasks.lock,
                                                                     compile_backend, self._unhook)
 
@@ -212,23 +214,24 @@ class ModelRunner:
                 self._device[:, :width].copy_(self._host[:, :width], non_blocking=True)
             inputs = self._device
             decode_len = int(self._rows[LENGTH, :hi].max(initial=1))
-            mask = None
-            if hi:
-                lengths = inputs[LENGTH, :hi]
-                mask = (torch.arange(decode_len, device=self.device)[None, :] < lengths[:, None])[:, None, None]
             # on a CPU an eager step's decode rows attend each over its own length (see attention); a compiled
             # step keeps the one batched attention it was traced with (no recompile)
             rows = [DecodeRow(r.slot, len(r.prompt) + len(r.tokens)) for r in layout.decode] \
                 if self.device.type == "cpu" and forward is None else None
+            mask = None
+            if hi and rows is None:  # the batched attention's mask
+                lengths = inputs[LENGTH, :hi]
+                mask = (torch.arange(decode_len, device=self.device)[None, :] < lengths[:, None])[:, None, None]
             attention = SlotAttention(self.cache, inputs[SLOT, :n], inputs[POSITION, :n], len(layout.decode), hi,
                                       hi == len(layout.decode), decode_len, mask, layout.chunks, rows)
             self.cache.reach(layout.reach)
             context: AbstractContextManager[None] = contextlib.nullcontext()
-            if forward is None:  # eager: a task's update by forward hooks
-                forward = self.model
+            eager = forward is None
+            if eager:  # a task's update by forward hooks
+                forward = self.lean
                 context = mixed.attached() if mixed is not None else context
             packed: AbstractContextManager[None] = contextlib.nullcontext()
-            if forward is self.model and self.packed is not None and not plan.chunks:  # see engine.packed
+            if eager and self.packed is not None and not plan.chunks:  # see engine.packed
                 merged = None if mixed is not None or self._spec is None else (self._spec, self.tasks.registrations)
                 packed = self.packed.attached(merged, n)
             with context, packed:
