@@ -51,7 +51,7 @@ KINDS = [([0], 2), ([1], 3), ([0, 1], 3), ([0, 2], 4)]  # slots decoding, length
 # These are traced as symbols; the rest (the model's and the KV cache's sizes) are constants of the graph.
 STEP_SIZES = ",".join([r"L\['(kwargs|inputs)'\]\['(input_ids|position_ids|logits_to_keep)'\]",
                        r"L\['(kwargs|inputs)'\]\['lora_step'\]\.(n_decode|hi|decode_len|slots|positions|decode_mask)",
-                       r".*\.rows\.index", r".*\.weights\.[AB]:0", r".*\.table\.scales"])
+                       r".*\.rows\.index", r".*\.weights\.[AB]:0"])
 
 
 def decode_step(cache: SlotCache, inputs: torch.Tensor, slots: list[int], length: int) -> dict[str, Any]:
