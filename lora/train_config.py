@@ -77,7 +77,7 @@ class TrainConfig:
     quantize: str | None = flag(
         None, "QLoRA: quantize the frozen base's linear layers (not its output head) at load: nf4 or fp4 (4-bit), "
               "int8 (8-bit LLM.int8()), all bitsandbytes; w8a16 (int8 weights, bfloat16 activations, no "
-              "bitsandbytes needed). LoRA weights stay float32", METHODS)
+              "bitsandbytes needed). LoRA weights stay float32 (w4a16 serves only)", METHODS)
     double_quant: bool = flag(False, "nf4/fp4: quantize the 4-bit block scales too (QLoRA's double quantization)")
     compute_dtype: str | None = flag(None, "nf4/fp4: the dtype 4-bit matmuls run in (default float32)",
                                      ("float32", "bfloat16", "float16"))
@@ -125,6 +125,9 @@ class TrainConfig:
             raise LoraError("--evaluate needs --validation_data_path")
         if self.early_stopping_patience and not (self.validation_data_path and self.evaluate is not False):
             raise LoraError("--early_stopping_patience watches the validation loss: add --validation_data_path")
+        if self.quantize == "w4a16":
+            raise LoraError("--quantize w4a16 is for serving (its int4 kernel has no backward); train over nf4 or "
+                            "w8a16 (or a float base) and serve the adapter with --quantize w4a16")
         if self.quantize is not None:
             check_quantization(self.quantize, self.double_quant, self.compute_dtype)
         elif self.double_quant or self.compute_dtype is not None:
