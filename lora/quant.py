@@ -37,7 +37,8 @@ from .int4 import Int4Linear, fits
 from .layers import LoraLayer
 
 BNB_METHODS = ("nf4", "fp4", "int8")
-METHODS = (*BNB_METHODS, "w8a16", "w4a16")
+TRAIN_METHODS = (*BNB_METHODS, "w8a16")
+METHODS = (*TRAIN_METHODS, "w4a16")  # w4a16 serves only: its int4 kernel has no backward
 HEAD_METHODS = ("w8a16", "w4a16")  # the ones whose output head can be quantized too (serving)
 BNB_VERSION = "0.50.2"  # the version tested here (CPU backend with torch 2.13)
 LLM_INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig default: activation outliers above it stay 16-bit

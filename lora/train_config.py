@@ -11,7 +11,7 @@ from typing import Any
 
 from .data import FORMAT_KEYS
 from .errors import LoraError
-from .quant import METHODS, check_quantization
+from .quant import METHODS, TRAIN_METHODS, check_quantization
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16")  # --mixed_precision: the autocast dtype's short name
@@ -125,9 +125,9 @@ class TrainConfig:
             raise LoraError("--evaluate needs --validation_data_path")
         if self.early_stopping_patience and not (self.validation_data_path and self.evaluate is not False):
             raise LoraError("--early_stopping_patience watches the validation loss: add --validation_data_path")
-        if self.quantize == "w4a16":
-            raise LoraError("--quantize w4a16 is for serving (its int4 kernel has no backward); train over nf4 or "
-                            "w8a16 (or a float base) and serve the adapter with --quantize w4a16")
+        if self.quantize in METHODS and self.quantize not in TRAIN_METHODS:
+            raise LoraError(f"--quantize {self.quantize} is for serving (its int4 kernel has no backward); train over "
+                            f"nf4 or w8a16 (or a float base) and serve the adapter with --quantize {self.quantize}")
         if self.quantize is not None:
             check_quantization(self.quantize, self.double_quant, self.compute_dtype)
         elif self.double_quant or self.compute_dtype is not None:

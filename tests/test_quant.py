@@ -15,6 +15,7 @@ from lora.cli import main
 from lora.data import collate, load_examples
 from lora.quant import (
     METHODS,
+    TRAIN_METHODS,
     Int8Linear,
     dense_weight,
     dequantize_model,
@@ -47,7 +48,7 @@ def quantized_linears(model):
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAIN_METHODS)  # w4a16 serves only (tests/test_int4.py)
 def test_lora_trains_over_a_quantized_base(tiny_llama, method):
     model, tokenizer = lora.load_model(tiny_llama, quantize=method)
     kinds = quantized_linears(model)
