@@ -9,6 +9,7 @@ into such layers keeping their 4-bit values as they are (never de-quantized): on
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import gguf
@@ -34,6 +35,24 @@ def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[tor
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 8)
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
     return packed, scales_and_zeros
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit values of packed bytes, flat, each byte's low one first."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten()
+
+
+@functools.lru_cache(maxsize=32)
+def _packed_order(out_features: int, in_features: int) -> torch.Tensor:
+    """For each 4-bit slot of a packed (N, K) weight, the flat index (n*K + k) of the q it holds. The packed order
+    is the kernel's own (it differs between CPUs), so it is read off the packing itself: packing q = the index's
+    4-bit digits one at a time puts each digit in that q's slot."""
+    index = torch.arange(out_features * in_features, dtype=torch.int64).reshape(out_features, in_features)
+    order = torch.zeros(out_features * in_features, dtype=torch.int64)
+    for shift in range(0, max(1, int(index.max()).bit_length()), 4):
+        digits = ((index >> shift) & 15).to(torch.int32)
+        order |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 8)).long() << shift
+    return order
 
 
 def q4_1_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,13 +111,10 @@ class Int4Linear(nn.Linear):
         return module
 
     def dense_weight(self) -> torch.Tensor:
-        """The (out, in) float32 weight these groups stand for. The packed order is the kernel's own (it differs
-        between CPUs), so q is read back through the kernel: rows of the identity with scale 1 and zero 8 give q."""
-        unit = torch.empty_like(self.scales_and_zeros)
-        unit[..., 0], unit[..., 1] = 1, 8
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        q = torch.cat([torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, GROUP, unit)
-                       for rows in eye.split(256)]).T.float()  # 0..15 are exact in bfloat16
+        """The (out, in) float32 weight these groups stand for (q read back in the kernel's packed order)."""
+        q = torch.empty(self.out_features * self.in_features)
+        q[_packed_order(self.out_features, self.in_features)] = _nibbles(self.weight).float()
+        q = q.reshape(self.out_features, self.in_features)
         scale, zero = (self.scales_and_zeros[..., i].T.float().repeat_interleave(GROUP, dim=1) for i in (0, 1))
         return (q - 8) * scale + zero
 
