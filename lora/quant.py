@@ -82,8 +82,9 @@ def check_quantization(method: str, double_quant: bool = False, compute_dtype: s
 
 def serving_head(method: str | None, head: bool | None) -> bool:
     """Whether a base served over `method` gets its output head quantized: `head` if given, else yes for w8a16
-    (llama.cpp's Q8_0 files hold the head in 8 bits too; it moves SmolLM2's logits a third as far as
-    quantizing its linear layers does) and no for bitsandbytes methods, which keep it in full precision."""
+    and w4a16, whose head gets int8 rows (llama.cpp's Q8_0 files hold the head in 8 bits too; it moves SmolLM2's
+    logits a third as far as quantizing its linear layers does) and no for bitsandbytes methods, which keep it in
+    full precision."""
     if head and method is None:
         raise LoraError("quantizing the output head needs a quantized base: add --quantize int8 (w8a16)")
     return method in HEAD_METHODS if head is None else head
