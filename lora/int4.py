@@ -52,7 +52,7 @@ def _packed_order(out_features: int, in_features: int) -> torch.Tensor:
     for shift in range(0, max(1, int(index.max()).bit_length()), 4):
         digits = ((index >> shift) & 15).to(torch.int32)
         order |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 8)).long() << shift
-    return order
+    return order.to(torch.int32)  # kept per shape: half the bytes
 
 
 def q4_1_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -146,7 +146,8 @@ def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any, 
     tied = {key for key, source in tied_keys.items() if key not in where and source in where}
     if set(where) != set(model.state_dict()) - tied:  # tied: a head that is the embedding, tie_weights sets it
         raise NotReadable("its tensor names are not the model's own (transformers renames them on load)")
-    kept = gguf_linears(gguf_file, model, sorted(targets)) if gguf_file and q.method == "w4a16" else {}
+    layers = sorted(name for name in targets if model.get_submodule(name) is not output_head(model))  # head: int8
+    kept = gguf_linears(gguf_file, model, layers) if gguf_file and q.method == "w4a16" else {}
     for module_name, layer in kept.items():
         model.set_submodule(module_name, layer.to(device))
         targets.remove(module_name)
