@@ -36,13 +36,16 @@ Decode (--parts decode): single-stream greedy decoding on SmolLM2-135M-Instruct,
 prompt ids, end-of-sequence ignored: float32, w8a16, w8a16-head (its tied head too): transformers' generate;
 engine-float32, engine-w8a16 (the head too: the serving default), engine-w8a16-float-head (--no-quantize-head),
 engine-nf4: MultiTaskModel(quantize=...) and lora's engine, as `lora serve --quantize` runs, the base model;
-engine-w8a16-task: serving a seeded random all-linear r=8 adapter (every step runs the per-token update);
+engine-w4a16 (the packaged GGUF's Q4_1 blocks on PyTorch's int4 kernel, the head int4 too), engine-w4a16-float-head;
+engine-w8a16-task, engine-w4a16-task: serving a seeded random all-linear r=8 adapter (every step runs the per-token
+update);
 engine-*-compiled: Engine(enforce_eager=False) once its background compile is done (the time it took is printed);
 engine-w8a16-compiled-task: both, the task's update inside the compiled graph (compiled after the warm-up's first
 task step, then warmed up again);
 llama.cpp-q8_0: llama-cpp-python (run by --llama_python) on the same weights as a Q8_0 GGUF (the packaged GGUF's
 Q4_1 tensors de-quantized, as lora.load_model does, and written as Q8_0; the tied token_embd stays Q8_0; cached
-in --cache). Tokens per second after the first token (generate's runs count the prefill too) and CPU ms per
+in --cache); llama.cpp-q4_1: the same on the packaged Q4_1 GGUF itself (the very weights engine-w4a16 runs).
+Tokens per second after the first token (generate's runs count the prefill too) and CPU ms per
 token (all threads), the best of --repeats after an 8-token warm-up.
 
 Prints markdown tables, the goals met or not (nf4 step peak <= 0.35x float32; nf4 step speed >= 0.9x PEFT +
@@ -80,7 +83,9 @@ LOAD_RUNS = ("float32", "nf4", "fp4", "int8", "w8a16", "whole-nf4", "transformer
 TRAIN_RUNS = ("float32", "nf4", "nf4-bf16", "fp4", "int8", "w8a16", "peft-nf4", "peft-fp4", "peft-int8")
 DECODE_RUNS = ("float32", "w8a16", "w8a16-head", "nf4", "int8", "engine-float32", "engine-w8a16",
                "engine-w8a16-float-head", "engine-w8a16-task", "engine-w8a16-compiled", "engine-float32-compiled",
-               "engine-w8a16-compiled-task", "engine-nf4", "llama.cpp-q8_0")
+               "engine-w8a16-compiled-task", "engine-nf4", "engine-w4a16", "engine-w4a16-float-head",
+               "engine-w4a16-task", "engine-w4a16-compiled", "engine-w4a16-compiled-task", "llama.cpp-q8_0",
+               "llama.cpp-q4_1")
 LLAMA_PYTHON = "/work/llama-venv/bin/python"  # a venv with llama-cpp-python (bench/README.md)
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
 
@@ -291,11 +296,13 @@ def q8_0_gguf(cache):
 
 
 def llama_cpp_decode(args):
-    """llama.cpp on the Q8_0 GGUF: the same prompt ids, greedy, as many threads; run by --llama_python."""
+    """llama.cpp on the Q8_0 GGUF (or the packaged Q4_1 one): the same prompt ids, greedy, as many threads; run by
+    --llama_python."""
     from llama_cpp import Llama  # noqa: I001 - then this checkout's lora
-    from lora.models import load_tokenizer
+    from lora.models import load_tokenizer, smollm2_gguf
     ids = load_tokenizer("smollm2-135m").apply_chat_template(PROMPT, add_generation_prompt=True, return_dict=False)
-    llm = Llama(model_path=q8_0_gguf(args.cache), n_ctx=1024, n_threads=args.threads, n_batch=512, verbose=False)
+    path = smollm2_gguf() if args.run == "llama.cpp-q4_1" else q8_0_gguf(args.cache)
+    llm = Llama(model_path=path, n_ctx=1024, n_threads=args.threads, n_batch=512, verbose=False)
     for n, stamps, tokens in ((8, [], []), (args.decode_tokens, [], [])):  # a warm-up, then the timed run
         cpu = time.process_time()
         for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -314,7 +321,7 @@ def decode_child(args):
 
     if args.run.startswith("engine-"):
         return engine_decode(args)
-    if args.run == "llama.cpp-q8_0":
+    if args.run.startswith("llama.cpp-"):
         return llama_cpp_decode(args)
     model, tokenizer = lora.load_model("smollm2-135m")
     if args.run != "float32":
@@ -405,6 +412,9 @@ def decode_table(args, results):
     for run, r in best.items():
         if r.get("compile_s"):
             print(f"\n{run}: its background compile took {r['compile_s']:.0f} s before the first compiled step")
+    for run in ("engine-w4a16", "engine-w4a16-compiled"):
+        if best.get(run) and best.get("llama.cpp-q4_1"):
+            print(f"\n{run} vs llama.cpp on the same Q4_1 GGUF: {ratio(best[run], best['llama.cpp-q4_1'], 'tokens_per_s')}")
     ours = best.get("engine-w8a16")
     if ours and base:
         x = ours["tokens_per_s"] / base["tokens_per_s"]

@@ -108,8 +108,9 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | 
                compute_dtype: str | None = None, quantize_head: bool = False) -> tuple[Any, "PreTrainedTokenizerBase"]:
     """(model, tokenizer) in eval mode. `name_or_path` is a local folder or 'smollm2-135m'.
 
-    `quantize` (nf4, fp4, int8, w8a16) quantizes the Linear layers but the output head (that too with
-    `quantize_head`, w8a16 only): see lora.quant.
+    `quantize` (nf4, fp4, int8, w8a16, w4a16) quantizes the Linear layers but the output head (that too with
+    `quantize_head`, w8a16 and w4a16 only): see lora.quant. w4a16 over the default model takes its GGUF's Q4_1
+    blocks as they are (lora.int4).
     """
     from transformers import AutoModelForCausalLM
 
@@ -120,7 +121,8 @@ def load_model(name_or_path: str | os.PathLike[str], dtype: str | torch.dtype | 
         model: Any = None
         if q is not None:  # quantized as its safetensors are read (lora.quant_load): never whole in float
             try:
-                model = load_quantized(path, resolve_dtype(dtype), q, resolve_device(device))
+                gguf_file = smollm2_gguf() if q.method == "w4a16" and name_or_path == DEFAULT_MODEL else None
+                model = load_quantized(path, resolve_dtype(dtype), q, resolve_device(device), gguf_file)
             except NotReadable as e:
                 print(f"{path}: {e}, so it is loaded whole in float and then quantized (peak memory: the float "
                       "model's size)", file=sys.stderr)

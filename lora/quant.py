@@ -7,6 +7,10 @@
                run by PyTorch's int8 weight-only kernel aten._weight_int8pack_mm on CPU (what torchao's
                int8 weight-only config uses there); needs no bitsandbytes. For serving (decode reads every
                weight once per token: a quarter of float32's bytes), and it trains too.
+    w4a16      Int4Linear (lora.int4): int4 weights in groups of 32 with a scale and a minimum each (llama.cpp's
+               Q4_1), bfloat16 activations, PyTorch's int4 CPU kernel; the default model's GGUF blocks are taken as
+               they are; a quantized head gets w8a16's int8 rows. Serving only (no backward), CPU only; a layer whose
+               shape the kernel cannot take stays float.
 
 The output head stays in full precision, as transformers' bitsandbytes loader leaves it (w8a16 can take it
 too: `head=True`, what serving does by default, see serving_head: a tied head is a large share of the bytes
@@ -21,6 +25,7 @@ call quantize_model on a loaded model: lora.quant_load quantizes each layer with
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,10 +33,13 @@ import torch
 import torch.nn as nn
 
 from .errors import LoraError
+from .int4 import Int4Linear, fits
 from .layers import LoraLayer
 
 BNB_METHODS = ("nf4", "fp4", "int8")
-METHODS = (*BNB_METHODS, "w8a16")
+TRAIN_METHODS = (*BNB_METHODS, "w8a16")
+METHODS = (*TRAIN_METHODS, "w4a16")  # w4a16 serves only: its int4 kernel has no backward
+HEAD_METHODS = ("w8a16", "w4a16")  # the ones whose output head can be quantized too (serving)
 BNB_VERSION = "0.50.2"  # the version tested here (CPU backend with torch 2.13)
 LLM_INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig default: activation outliers above it stay 16-bit
 RECORD_ATTR = "lora_quantization"  # where quantize_model leaves its record on the model
@@ -46,39 +54,40 @@ class Quantization:
     method: str
     double_quant: bool = False
     compute_dtype: str | None = None  # nf4/fp4 matmul dtype (transformers' default: float32)
-    head: bool = False  # the output head quantized too (w8a16 only)
+    head: bool = False  # the output head quantized too (w8a16, w4a16)
 
 
 def check_quantization(method: str, double_quant: bool = False, compute_dtype: str | None = None,
                        head: bool = False) -> Quantization:
     """The record for these settings, or a LoraError naming the bad one and the choices."""
     if method not in METHODS:
-        raise LoraError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} "
-                        "(nf4 and fp4: 4-bit QLoRA; int8: 8-bit; w8a16: int8 weights for fast CPU serving)")
+        raise LoraError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)} (nf4 and fp4: "
+                        "4-bit QLoRA; int8: 8-bit; w8a16, w4a16: int8 or int4 weights for fast CPU serving)")
     if double_quant and method not in ("nf4", "fp4"):
         raise LoraError(f"--double_quant quantizes 4-bit block scales; it applies to nf4 and fp4, not {method}")
     if compute_dtype is not None:
         if method not in ("nf4", "fp4"):
-            raise LoraError(f"--compute_dtype applies to nf4 and fp4 (int8 and w8a16 pick their own kernels), "
+            raise LoraError(f"--compute_dtype applies to nf4 and fp4 (int8, w8a16 and w4a16 pick their own kernels), "
                             f"not {method}")
         if compute_dtype not in COMPUTE_DTYPES:
             raise LoraError(f"unknown compute dtype {compute_dtype!r}; use one of float32, bfloat16, float16")
         compute_dtype = COMPUTE_DTYPES[compute_dtype]
     elif method in ("nf4", "fp4"):
         compute_dtype = "float32"
-    if head and method != "w8a16":
-        raise LoraError(f"quantizing the output head is offered for w8a16 (serving), not {method}: bitsandbytes "
-                        "bases keep it in full precision, as PEFT and transformers expect")
+    if head and method not in HEAD_METHODS:
+        raise LoraError(f"quantizing the output head is offered for w8a16 and w4a16 (serving), not {method}: "
+                        "bitsandbytes bases keep it in full precision, as PEFT and transformers expect")
     return Quantization(method, double_quant, compute_dtype, head)
 
 
 def serving_head(method: str | None, head: bool | None) -> bool:
     """Whether a base served over `method` gets its output head quantized: `head` if given, else yes for w8a16
-    (llama.cpp's Q8_0 files hold the head in 8 bits too; it moves SmolLM2's logits a third as far as
-    quantizing its linear layers does) and no for bitsandbytes methods, which keep it in full precision."""
+    and w4a16, whose head gets int8 rows (llama.cpp's Q8_0 files hold the head in 8 bits too; it moves SmolLM2's
+    logits a third as far as quantizing its linear layers does) and no for bitsandbytes methods, which keep it in
+    full precision."""
     if head and method is None:
         raise LoraError("quantizing the output head needs a quantized base: add --quantize int8 (w8a16)")
-    return method == "w8a16" if head is None else head
+    return method in HEAD_METHODS if head is None else head
 
 
 def import_bitsandbytes(method: str) -> Any:
@@ -185,11 +194,16 @@ def _bnb_linear(bnb: Any, linear: nn.Linear, q: Quantization, device: Any) -> nn
     return module.to(device)
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (transformers' get_output_embeddings), or None."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return None if get_head is None else get_head()
+
+
 def quantizable(model: nn.Module, head: bool = False) -> list[str]:
     """Names of the plain Linear layers quantize_model replaces, in model order: all but the output head,
     unless `head`."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    output = None if head or get_head is None else get_head()
+    output = None if head else output_head(model)
     return [name for name, m in model.named_modules() if type(m) is nn.Linear and m is not output]
 
 
@@ -208,12 +222,12 @@ def quantize_model(model: nn.Module, method: str, double_quant: bool = False, co
     if getattr(model, RECORD_ATTR, None) is not None:
         raise LoraError(f"this model is already quantized ({getattr(model, RECORD_ATTR)['method']}); load a fresh "
                         "base model to quantize it another way")
-    names = quantizable_names(model, q)
+    names, output = quantizable_names(model, q), output_head(model)
     for name in names:
         linear: Any = model.get_submodule(name)
         if linear.weight.device.type == "meta":
             raise LoraError(f"{name} is on the meta device; load the model's weights before quantizing it")
-        model.set_submodule(name, quantize_linear(linear, q, device))
+        model.set_submodule(name, quantize_linear(linear, q, device, head=linear is output))
     mark_quantized(model, q)
     return names
 
@@ -229,12 +243,18 @@ def quantizable_names(model: nn.Module, q: Quantization) -> list[str]:
     return names
 
 
-def quantize_linear(linear: nn.Linear, q: Quantization, device: Any = None) -> nn.Module:
+def quantize_linear(linear: nn.Linear, q: Quantization, device: Any = None, head: bool = False) -> nn.Module:
     """The quantized layer standing for `linear` (its float weight is not kept), on `device` (default: where
-    the weight is). One layer of quantize_model; loading quantizes each layer with it as its weight is read."""
+    the weight is). One layer of quantize_model; loading quantizes each layer with it as its weight is read.
+    w4a16 holds the output head (`head`) in int8 rows as w8a16 does, as llama.cpp keeps a 4-bit model's output
+    at higher precision: in int4 groups SmolLM2's head moved its logits 9.8%, six times what its int4 layers do."""
     target = device if device is not None else linear.weight.device
     if q.method in BNB_METHODS:
         new = _bnb_linear(import_bitsandbytes(q.method), linear, q, target)
+    elif q.method == "w4a16" and not head:
+        if not fits(linear.in_features, linear.out_features):
+            return linear  # mark_quantized names the layers left float
+        new = Int4Linear.from_linear(linear).to(target)
     else:
         new = Int8Linear.from_linear(linear).to(target)
     return new.train(linear.training)
@@ -243,6 +263,10 @@ def quantize_linear(linear: nn.Linear, q: Quantization, device: Any = None) -> n
 def mark_quantized(model: nn.Module, q: Quantization) -> None:
     """Leave the record on a model whose layers were quantized (see model_quantization)."""
     config: Any = getattr(model, "config", None)
+    if q.method == "w4a16" and (left := quantizable(model, q.head)):
+        print(f"w4a16: {len(left)} linear layer(s) stay float, their shapes are not the int4 kernel's (in_features a "
+              f"multiple of 32, out_features of 16): {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}",
+              file=sys.stderr)
     if q.head and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # head and embedding now differ: saved (de-quantized) as two weights
     setattr(model, RECORD_ATTR, asdict(q))
@@ -256,6 +280,10 @@ def quantization_config(method: str, double_quant: bool = False, compute_dtype: 
     if q.method == "w8a16":
         return {"quant_method": "w8a16", "bits": 8, "group_size": -1, "symmetric": True,
                 "activation_dtype": "bfloat16", "modules_to_not_convert": [] if head else ["lm_head"]}
+    if q.method == "w4a16":  # Q4_1's groups: a scale and a minimum (zero point) per 32 weights of a row
+        return {"quant_method": "w4a16", "bits": 4, "group_size": 32, "symmetric": False,
+                "activation_dtype": "bfloat16", "modules_to_not_convert": [] if head else ["lm_head"],
+                "modules_in_int8": ["lm_head"] if head else []}  # a quantized head holds w8a16's int8 rows
     return {"quant_method": "bitsandbytes", "load_in_4bit": q.method != "int8", "load_in_8bit": q.method == "int8",
             "bnb_4bit_quant_type": q.method if q.method != "int8" else "fp4",
             "bnb_4bit_use_double_quant": q.double_quant, "bnb_4bit_compute_dtype": q.compute_dtype or "float32",
@@ -298,7 +326,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     weight: Any = module.weight
     if not is_quantized(module):
         return weight
-    if isinstance(module, Int8Linear):
+    if isinstance(module, (Int8Linear, Int4Linear)):
         return module.dense_weight()
     bnb = import_bitsandbytes("int8" if weight.dtype == torch.int8 else "nf4")
     if isinstance(module, bnb.nn.Linear8bitLt):
@@ -307,7 +335,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
         return weight.data.float() * (scb.float() / 127.0).unsqueeze(1)
     if isinstance(module, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    raise LoraError(f"cannot de-quantize a {type(module).__name__}; only bitsandbytes and w8a16 layers are known")
+    raise LoraError(f"cannot de-quantize a {type(module).__name__}; only bitsandbytes, w8a16 and w4a16 layers are "
+                    "known")
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:

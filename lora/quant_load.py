@@ -5,6 +5,8 @@ computed as usual), each tensor is read from the file on its own (pread, not mma
 in the process), cast to the model's dtype as transformers' loader does, and a Linear quantize_model would
 replace is quantized as soon as its weights are in: the float copy of one layer at a time is all that exists.
 The result equals transformers' from_pretrained followed by quantize_model (the same quantized bytes and logits).
+With `gguf_file` (w4a16 over the default model: its packaged Q4_1 GGUF) the layers that file holds in Q4_1 take its
+blocks as they are (lora.int4.gguf_linears) and their float weights are not read at all.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from .errors import LoraError
-from .quant import Quantization, mark_quantized, quantizable_names, quantize_linear
+from .int4 import gguf_linears
+from .quant import Quantization, mark_quantized, output_head, quantizable_names, quantize_linear
 
 try:
     _LIBC: Any = ctypes.CDLL("libc.so.6")
@@ -131,7 +134,7 @@ def _set(module: nn.Module, name: str, value: torch.Tensor, key: str) -> None:
         module._buffers[name] = value
 
 
-def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any) -> Any:
+def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any, gguf_file: str | None = None) -> Any:
     """The causal LM in `path` with quantize_model's layers quantized as they are read. NotReadable where the
     checkpoint's tensor names are not the model's own (transformers renames those on load: an old or converted
     checkpoint) or the model cannot be built without its weights; then load it whole and use quantize_model."""
@@ -143,19 +146,27 @@ def load_quantized(path: str, dtype: torch.dtype, q: Quantization, device: Any) 
     tied = {key for key, source in tied_keys.items() if key not in where and source in where}
     if set(where) != set(model.state_dict()) - tied:  # tied: a head that is the embedding, tie_weights sets it
         raise NotReadable("its tensor names are not the model's own (transformers renames them on load)")
+    layers = sorted(name for name in targets if model.get_submodule(name) is not output_head(model))  # head: int8
+    kept = gguf_linears(gguf_file, model, layers) if gguf_file and q.method == "w4a16" else {}
+    for module_name, layer in kept.items():
+        model.set_submodule(module_name, layer.to(device))
+        targets.remove(module_name)
     for file in files:
         with _open(file) as f:
             for key in f.keys():
                 module_name, _, name = key.rpartition(".")
+                if module_name in kept:
+                    continue
                 module = model.get_submodule(module_name)
                 _set(module, name, f.get_tensor(key), key)
                 if module_name in targets and all(p.device.type != "meta" for p in module.parameters(recurse=False)):
-                    model.set_submodule(module_name, quantize_linear(module, q, device))
+                    model.set_submodule(module_name, quantize_linear(module, q, device, module is output_head(model)))
                     targets.remove(module_name)
                     release_freed()
     model.tie_weights()
     for name in sorted(targets):  # a quantized head tied to the embedding: its weight came with the embedding
-        model.set_submodule(name, quantize_linear(model.get_submodule(name), q, device))
+        module = model.get_submodule(name)
+        model.set_submodule(name, quantize_linear(module, q, device, module is output_head(model)))
     mark_quantized(model, q)
     return model
 

@@ -45,9 +45,9 @@ class Tasks:
     LRU cache of at most `cache_bytes` on the model's device (plus `host_cache_bytes` in CPU memory
     for models on an accelerator). Merged weights of recently used tasks are kept up to
     `merged_cache_bytes` (0: only the active task's; every switch then rebuilds). Mixed batches compute
-    each token's update in `update_dtype`. `quantize` (nf4, fp4, int8, w8a16; with `double_quant`,
-    `compute_dtype`) quantizes the base's linear layers (a loaded model's in place), see lora.quant; w8a16
-    quantizes the output head too unless `quantize_head` is False (lora.quant.serving_head).
+    each token's update in `update_dtype`. `quantize` (nf4, fp4, int8, w8a16, w4a16; with `double_quant`,
+    `compute_dtype`) quantizes the base's linear layers (a loaded model's in place), see lora.quant; w8a16 and
+    w4a16 quantize the output head too unless `quantize_head` is False (lora.quant.serving_head).
     """
 
     def __init__(self, model: torch.nn.Module | str | os.PathLike, mapper: str | os.PathLike | dict | None = None,

@@ -11,7 +11,7 @@ from typing import Any
 
 from .data import FORMAT_KEYS
 from .errors import LoraError
-from .quant import METHODS, check_quantization
+from .quant import METHODS, TRAIN_METHODS, check_quantization
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 PRECISIONS = ("bf16", "fp16")  # --mixed_precision: the autocast dtype's short name
@@ -77,7 +77,7 @@ class TrainConfig:
     quantize: str | None = flag(
         None, "QLoRA: quantize the frozen base's linear layers (not its output head) at load: nf4 or fp4 (4-bit), "
               "int8 (8-bit LLM.int8()), all bitsandbytes; w8a16 (int8 weights, bfloat16 activations, no "
-              "bitsandbytes needed). LoRA weights stay float32", METHODS)
+              "bitsandbytes needed). LoRA weights stay float32 (w4a16 serves only)", METHODS)
     double_quant: bool = flag(False, "nf4/fp4: quantize the 4-bit block scales too (QLoRA's double quantization)")
     compute_dtype: str | None = flag(None, "nf4/fp4: the dtype 4-bit matmuls run in (default float32)",
                                      ("float32", "bfloat16", "float16"))
@@ -125,6 +125,9 @@ class TrainConfig:
             raise LoraError("--evaluate needs --validation_data_path")
         if self.early_stopping_patience and not (self.validation_data_path and self.evaluate is not False):
             raise LoraError("--early_stopping_patience watches the validation loss: add --validation_data_path")
+        if self.quantize in METHODS and self.quantize not in TRAIN_METHODS:
+            raise LoraError(f"--quantize {self.quantize} is for serving (its int4 kernel has no backward); train over "
+                            f"nf4 or w8a16 (or a float base) and serve the adapter with --quantize {self.quantize}")
         if self.quantize is not None:
             check_quantization(self.quantize, self.double_quant, self.compute_dtype)
         elif self.double_quant or self.compute_dtype is not None:

@@ -71,14 +71,16 @@ def test_inductor_compiled_decode_steps_answer_as_the_eager_engine(mt):
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])  # slow: minutes
+@pytest.mark.parametrize("backend, method", [  # slow: inductor compiles for minutes; w4a16's trace adds ~25 s
+    ("eager", "w8a16"), pytest.param("eager", "w4a16", marks=pytest.mark.slow),
+    pytest.param("inductor", "w8a16", marks=pytest.mark.slow)])
 def test_a_quantized_base_decodes_task_steps_compiled_and_as_eager(one_layer_llama, tiny_tokenizer, tmp_path,
-                                                                   backend):
+                                                                   backend, method):
     """Over a quantized base every task step runs per-token updates: once compiled they run in the graph (captured
     by the "eager" backend: an update left out would change the answers), one graph for any mix of tasks and for a
     new task taking a slot. A blend's steps (its forward hooks) stay eager."""
     torch._dynamo.reset()
-    quantized = lora.MultiTaskModel(one_layer_llama, quantized_adapters(one_layer_llama, tmp_path, "w8a16"), quantize="w8a16")
+    quantized = lora.MultiTaskModel(one_layer_llama, quantized_adapters(one_layer_llama, tmp_path, method), quantize=method)
     ids = [tiny_tokenizer(f"What colour is the {thing}?")["input_ids"] for thing in ("apple", "river", "stone")]
     cases = [([ids[0]], [None]), ([ids[0]], ["qa"]), ([ids[1]], ["sum"]), (ids, ["emb", "qa", None]),
              (ids[:2], ["sum", "emb"])]

@@ -15,6 +15,7 @@ from lora.cli import main
 from lora.data import collate, load_examples
 from lora.quant import (
     METHODS,
+    TRAIN_METHODS,
     Int8Linear,
     dense_weight,
     dequantize_model,
@@ -47,7 +48,7 @@ def quantized_linears(model):
     return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAIN_METHODS)  # w4a16 serves only (tests/test_int4.py)
 def test_lora_trains_over_a_quantized_base(tiny_llama, method):
     model, tokenizer = lora.load_model(tiny_llama, quantize=method)
     kinds = quantized_linears(model)
@@ -174,7 +175,7 @@ def nbytes(model, names):
     return sum(t.numel() * t.element_size() for n in names for t in model.get_submodule(n).state_dict().values())
 
 
-@pytest.mark.parametrize("method", ["nf4", "int8", "w8a16"])
+@pytest.mark.parametrize("method", ["nf4", "int8", "w8a16", "w4a16"])
 def test_merge_goes_through_a_dequantized_copy_and_says_so(tiny_llama, tiny_tokenizer, method, capsys):
     model = lora.load_model(tiny_llama, quantize=method)[0]
     lora.inject(model, ["q_proj", "o_proj"], r=4)
@@ -189,7 +190,7 @@ def test_merge_goes_through_a_dequantized_copy_and_says_so(tiny_llama, tiny_toke
     assert "merging into a de-quantized float copy of its 14 quantized layers" in capsys.readouterr().err
     assert not lora.lora_layers(merged) and model_quantization(merged) is None
     assert not any(is_quantized(m) for m in merged.modules())
-    tolerance = 2e-2 if method == "w8a16" else 1e-4  # w8a16 runs bfloat16 activations, the float copy float32
+    tolerance = 2e-2 if method.endswith("a16") else 1e-4  # w8a16, w4a16: bfloat16 activations, the copy float32
     torch.testing.assert_close(logits(merged, batch), expected, rtol=tolerance, atol=tolerance)
 
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import lora
 from lora.cli import main
 from lora.engine import Engine, SamplingParams
+from lora.int4 import Int4Linear
 from lora.quant import Int8Linear, dequantize_model, model_quantization
 
 from .conftest import PROMPT, THINGS
@@ -32,7 +33,7 @@ def quantized_adapters(base, root, method):
     return mapper
 
 
-@pytest.fixture(scope="module", params=["nf4", "w8a16"])
+@pytest.fixture(scope="module", params=["nf4", "w8a16", "w4a16"])
 def quantized(request, tiny_llama, tmp_path_factory):
     method = request.param
     mapper = quantized_adapters(tiny_llama, tmp_path_factory.mktemp(f"adapters-{method}"), method)
@@ -54,7 +55,8 @@ def packed_weights(model):
 def test_mixed_batches_over_a_quantized_base_answer_as_each_request_alone(quantized):
     method, _, mt = quantized
     assert not mt.merges
-    assert isinstance(mt.pretrained_model.lm_head, Int8Linear) == (method == "w8a16")  # w8a16: the head too
+    assert isinstance(mt.pretrained_model.lm_head, Int8Linear) == (method != "nf4")  # w8a16, w4a16: the head in int8
+    assert isinstance(mt.pretrained_model.model.layers[0].mlp.up_proj, Int4Linear) == (method == "w4a16")
     before = packed_weights(mt.pretrained_model)
     assert before  # the base really is packed
     tasks = ["qa", None, "sum", "emb", {"qa": 0.5, "sum": 0.5}, "qa", "sum", None]
@@ -78,7 +80,7 @@ def test_a_task_applied_over_a_quantized_base_is_its_lora_model_and_leaves_no_tr
             with mt.apply_downstream(task) as model:
                 assert mt.active == ((task, 1.0),)
                 got = model(ids).logits
-            reference = lora.load_model(tiny_llama, quantize=method, quantize_head=method == "w8a16")[0]
+            reference = lora.load_model(tiny_llama, quantize=method, quantize_head=method != "nf4")[0]
             lora.load_adapter(reference, mapper[task])  # LoRA layers over the same quantized base
             torch.testing.assert_close(got, reference(ids).logits, rtol=1e-4, atol=1e-4)
             assert not torch.equal(got, base)

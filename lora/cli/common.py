@@ -6,7 +6,7 @@ from ..multitask import MultiTaskModel
 
 BASE_PROMPT = "the model's chat template around '{instruction}\\n\\n{input}'"
 # --quantize for running models: int8 means int8 weights on the fastest kernel (w8a16); bitsandbytes' own is bnb-int8
-QUANTIZE = {"int8": "w8a16", "w8a16": "w8a16", "nf4": "nf4", "fp4": "fp4", "bnb-int8": "int8"}
+QUANTIZE = {"int8": "w8a16", "w8a16": "w8a16", "w4a16": "w4a16", "nf4": "nf4", "fp4": "fp4", "bnb-int8": "int8"}
 
 
 def positive_int(text: str) -> int:
@@ -31,11 +31,12 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--quantize", choices=list(QUANTIZE),
                    help="run over a quantized base (its linear layers): int8 = int8 weights with bfloat16 "
                         "activations on PyTorch's int8 weight-only kernel (the same int8 values as bitsandbytes' "
-                        "LLM.int8(), which is bnb-int8; also named w8a16), the output head too; nf4 or fp4: "
-                        "bitsandbytes 4-bit, the head kept float. Tasks then apply as per-token updates, never as "
-                        "merged weights")
+                        "LLM.int8(), which is bnb-int8; also named w8a16), the output head too; w4a16: int4 weights "
+                        "in groups of 32 (llama.cpp's Q4_1; the default model's GGUF blocks as they are) on PyTorch's "
+                        "int4 CPU kernel, the head in int8; nf4 or fp4: bitsandbytes 4-bit, the head kept float. Tasks "
+                        "then apply as per-token updates, never as merged weights")
     p.add_argument("--quantize_head", "--quantize-head", action=argparse.BooleanOptionalAction,
-                   help="int8/w8a16: the output head in int8 too (the default, as llama.cpp's Q8_0 files hold it); "
+                   help="int8/w8a16, w4a16: the output head in int8 too (the default, as llama.cpp's files hold it); "
                         "--no-quantize-head keeps it float")
     p.add_argument("--double_quant", "--double-quant", action="store_true",
                    help="nf4/fp4: quantize the 4-bit block scales too")
