@@ -6,13 +6,17 @@ A step holds the next token of every decoding request, then prompt chunks of pre
 between steps. Blends (and every task in "merged" mode) run alone, on merged weights; so that a steady
 stream of other requests cannot starve them, a request that has waited `aging_steps` steps stops the
 admission of anything queued after it until it fits.
+Prefix holds: a waiting request whose prompt is mostly blocks that a running request is prefilling right now
+(same task: a system prompt or prompt format sent by several clients at once) is not admitted to compute them
+again; it waits until they are in the prefix cache and takes them from there (what vLLM does in effect). It
+keeps its place in the queue and does not stop the admission of others; it waits at most `aging_steps` steps.
 """
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..errors import LoraError
 from .request import QueueFull, Request, Spec
@@ -20,12 +24,21 @@ from .request import QueueFull, Request, Spec
 MODES = ("auto", "merged", "mixed")
 
 
+class Reuse(NamedTuple):
+    """What the KV cache can give a waiting request: prompt tokens its prefix cache holds now, and tokens more of
+    it (whole blocks) that running requests are prefilling now and will store."""
+    cached: int
+    coming: int
+
+
 class KVCapacity(Protocol):
-    """The part of the KV cache the scheduler sees: room for a request, or not."""
+    """The part of the KV cache the scheduler sees: room for a request, or not; what of its prompt is cached."""
 
     def allocate(self, request: Request) -> bool: ...
 
     def free(self, request: Request) -> None: ...
+
+    def reuse(self, request: Request) -> Reuse: ...
 
 
 @dataclass
@@ -147,11 +160,25 @@ class Scheduler:
                 if self.steps - request.arrival >= self.aging_steps:
                     break  # it has waited long enough: the running set drains until it fits
                 continue
+            if self._holds(request):
+                continue
             if not self.kv.allocate(request):
                 break
             self.waiting.remove(request)
             self.waiting_tokens -= len(request.prompt)
             self.running.append(request)
+
+    def _holds(self, request: Request) -> bool:
+        """Whether the request waits for blocks a running request is prefilling: when they are at least half of what
+        it would compute. Computing them again costs about as long as waiting (it would run behind that request in
+        the step's prefill budget, and a step's cost grows with its tokens), and slows every other request."""
+        if request.held >= self.aging_steps:
+            return False
+        reuse = self.kv.reuse(request)
+        if 2 * reuse.coming < len(request.prompt) - reuse.cached:
+            return False
+        request.held += 1
+        return True
 
     def _may_join(self, request: Request) -> bool:
         """Blends, and every task in "merged" mode, run alone; max_loras bounds the tasks of one step."""
