@@ -199,8 +199,9 @@ def test_a_request_waits_for_the_prefix_a_running_request_is_prefilling_and_othe
     # 32 of its tokens are cached, 8 are coming, 10 left to compute: it still waits
     assert chunks(run(scheduler)) == [("first", 32, 40), ("other task", 0, 6), ("unrelated", 0, 2)]
     assert names(scheduler.waiting) == ["same"]
-    plan = run(scheduler)  # first's prompt is stored: same joins and computes its last 2 tokens only
-    assert names(plan.decode) == ["first", "other task"] and chunks(plan) == [("unrelated", 2, 6), ("same", 40, 42)]
+    plan = run(scheduler)  # first's prompt is stored: same joins and computes its last 2 tokens only, ahead of
+    assert names(plan.decode) == ["first", "other task"]  # those queued after it (it kept its place in the queue)
+    assert chunks(plan) == [("same", 40, 42), ("unrelated", 2, 6)]
     assert not scheduler.waiting
 
 

@@ -13,6 +13,8 @@ keeps its place in the queue and does not stop the admission of others; it waits
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,7 +97,8 @@ class Scheduler:
         self.max_waiting, self.max_waiting_tokens = max_waiting, max_waiting_tokens
         self.max_loras, self.aging_steps = max_loras, aging_steps
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order
+        self.running: list[Request] = []  # in queue order (prompt chunks are laid out first come, first served)
+        self._order = itertools.count()
         self.waiting_tokens = 0
         self.steps = 0
 
@@ -114,7 +117,7 @@ class Scheduler:
         if self.max_loras is not None and len(request.task_names) > self.max_loras:
             raise LoraError(f"the request blends {len(request.task_names)} tasks, over this engine's max_loras of "
                             f"{self.max_loras}; blend fewer tasks")
-        request.arrival = self.steps
+        request.arrival, request.order = self.steps, next(self._order)
         self.waiting.append(request)
         self.waiting_tokens += len(request.prompt)
 
@@ -166,7 +169,7 @@ class Scheduler:
                 break
             self.waiting.remove(request)
             self.waiting_tokens -= len(request.prompt)
-            self.running.append(request)
+            bisect.insort(self.running, request, key=lambda r: r.order)  # before those admitted while it was held
 
     def _holds(self, request: Request) -> bool:
         """Whether the request waits for blocks a running request is prefilling: when they are at least half of what
