@@ -34,7 +34,7 @@ class Blocks(Slots):
 
     def __init__(self, n):
         super().__init__(n)
-        self.requests = {}  # every admitted request: what it computed is cached (for ever, in this fake)
+        self.requests = {}  # every admitted request: its computed whole blocks are cached (for ever, in this fake)
 
     def allocate(self, request):
         if not super().allocate(request):
@@ -42,11 +42,6 @@ class Blocks(Slots):
         self.requests[request.request_id] = request
         request.computed = self.reuse(request).cached  # the real cache copies the cached prefix in
         return True
-
-    def free(self, request):
-        super().free(request)
-        if not request.done.is_set() or request.computed < len(request.prompt):  # aborted mid-prefill: only
-            request.computed = request.computed // 4 * 4  # its stored blocks remain
 
     def reuse(self, request):
         def shared(other, upto):  # whole blocks of the prompt (but its last token) that `other` holds up to `upto`
