@@ -1,8 +1,10 @@
-"""Prefix caching: a prompt's cached blocks (per task) are reused by later and concurrent requests, survive their
-slot, stay within their memory budget, and every answer equals the same request alone (float32)."""
+"""Prefix caching: a prompt's cached blocks (per task) are reused by later and concurrent requests (those sent
+together wait for the first to compute them), survive their slot, stay within their memory budget, and every answer
+equals the same request alone (float32)."""
 import pytest
 import torch
 
+import lora.engine.sampler
 from lora.engine import Engine, SamplingParams, kv_bytes_per_token
 from tests.test_engine import GREEDY, alone, collector, mt, prompt, run_until_done  # noqa: F401 - mt: a fixture
 
@@ -99,3 +101,63 @@ def test_a_prefix_cache_that_cannot_be_allocated_turns_itself_off_and_fails_no_r
         assert answer.error is None and answer.new_token_ids == alone(mt, p, "qa")
     assert engine.dead is None
     assert engine.stats()["prefix_cache_hits"] == 0 and engine.stats()["prefix_cache_usage"] == 0
+
+
+def test_requests_sent_together_take_the_shared_prefix_from_the_first_instead_of_computing_it(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=8, block_size=BLOCK)
+    prompts = [head + prompt(mt, i) for i in range(5)]
+    tasks = ["qa"] * 4 + ["sum"]  # the same tokens under another task are other K/V: it computes them
+    answers = engine.generate(prompts, tasks, GREEDY)
+    stats = engine.stats()
+    shared = [shared_blocks(prompts[0], p) for p in prompts[1:4]]
+    assert min(shared) >= 8 and stats["prefix_cache_hits"] == sum(shared)
+    assert stats["prompt_tokens_total"] == sum(map(len, prompts)) - sum(shared)
+    for answer, p, task in zip(answers, prompts, tasks):
+        assert answer.new_token_ids == alone(mt, p, task)
+
+
+def test_a_request_waiting_for_a_prefix_does_not_delay_an_unrelated_one_behind_it(mt, head):  # noqa: F811
+    first, same, unrelated = head + prompt(mt, 1), head + prompt(mt, 2), prompt(mt, 3)[::-1]
+    engine = Engine(mt, max_num_seqs=4, block_size=BLOCK, max_prefill_tokens=len(first) + len(unrelated))
+    outputs, tokens, on_output = collector()
+    ids = [engine.add_request(p, t, GREEDY, on_output) for p, t in ((first, "qa"), (same, "qa"), (unrelated, "sum"))]
+    engine.step()  # first's and unrelated's prompts fill the step; same waits for first's blocks
+    assert ids[0] in tokens and ids[2] in tokens and ids[1] not in tokens
+    assert engine.stats()["waiting"] == 1
+    run_until_done(engine, outputs, ids)
+    assert engine.stats()["prefix_cache_hits"] == shared_blocks(first, same)
+    for i, p, task in zip(ids, (first, same, unrelated), ("qa", "qa", "sum")):
+        assert tokens[i] == alone(mt, p, task)
+
+
+def test_aborting_the_request_others_wait_for_lets_them_compute_it(mt, head):  # noqa: F811
+    engine = Engine(mt, max_num_seqs=4, block_size=BLOCK, max_prefill_tokens=2 * BLOCK)
+    outputs, tokens, on_output = collector()
+    prompts = [head + prompt(mt, i) for i in range(3)]
+    ids = [engine.add_request(p, "qa", GREEDY, on_output) for p in prompts]
+    engine.step()  # the first prefills its first two blocks; the others wait for the rest
+    assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 2
+    engine.abort(ids[0])
+    engine.step()  # the next one computes the rest itself (the third now waits for it)
+    assert engine.stats()["running"] == 1 and engine.stats()["waiting"] == 1
+    run_until_done(engine, outputs, ids[1:])
+    assert outputs[ids[0]].finish_reason == "abort"
+    for i, p in zip(ids[1:], prompts[1:]):
+        assert outputs[i].finish_reason == "length" and tokens[i] == alone(mt, p, "qa")
+
+
+def test_a_failed_prefill_lets_the_requests_that_waited_for_it_compute_it(mt, head, monkeypatch):  # noqa: F811
+    real, calls = lora.engine.sampler.sample, []
+
+    def flaky(logits, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected sampler fault")
+        return real(logits, batch)
+    monkeypatch.setattr(lora.engine.sampler, "sample", flaky)
+    prompts = [head + prompt(mt, i) for i in range(3)]
+    answers = Engine(mt, max_num_seqs=4, block_size=BLOCK).generate(prompts, ["qa"] * 3, GREEDY)
+    assert answers[0].finish_reason == "error" and "injected sampler fault" in str(answers[0].error)
+    monkeypatch.undo()
+    for answer, p in zip(answers[1:], prompts[1:]):
+        assert answer.finish_reason == "length" and answer.new_token_ids == alone(mt, p, "qa")

@@ -4,8 +4,9 @@ Per layer K and V have shape (slots, kv heads, max_len, head dim). A request tak
 admitted and gives it back when it finishes; requests wait for a slot, they never run out of memory.
 Prefix caching (prefix_cache.py): an admitted request's longest cached prefix (of its task) is copied into its
 slot and only the rest is computed; the full blocks it computes are copied into the prefix cache after each
-step, and those of its answer when it finishes (earlier turns of a chat). `forget()` drops every block when
-tasks may have been re-registered.
+step, and those of its answer when it finishes (earlier turns of a chat). `reuse()` tells the scheduler how much
+of a waiting request's prompt is cached, and how much more running requests are prefilling now (it may wait for
+those instead of computing them again). `forget()` drops every block when tasks may have been re-registered.
 Memory is allocated uninitialised and zeroed in blocks only as far as sequences reach, so an idle cache
 costs address space, not RAM; masked-out positions must hold finite values (0 * NaN is NaN).
 """
@@ -19,6 +20,7 @@ from transformers import PretrainedConfig
 
 from .prefix_cache import Chain, PrefixCache
 from .request import Request
+from .scheduler import Reuse
 
 log = logging.getLogger("lora.engine")
 
@@ -41,6 +43,7 @@ class SlotCache:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._free = list(range(slots))
         self._chains: dict[int, Chain] = {}  # running slot -> how far its sequence is in the prefix cache
+        self._requests: dict[int, Request] = {}  # running slot -> its request (what it will store: see reuse)
         self._scrubbed: set[int] = set()  # slots a failed request zeroed: nothing of them is worth keeping
         self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up, and found (vLLM's counters)
 
@@ -52,6 +55,7 @@ class SlotCache:
         self._free.sort()
         request.slot = self._free.pop(0)
         request.computed = 0
+        self._requests[request.slot] = request
         if self.prefix is None:
             return True
         blocks = [] if request.echo else self.prefix.match(request.spec, request.prompt[:-1])  # echo: every
@@ -80,11 +84,33 @@ class SlotCache:
                 self.prefix.clear()  # blocks registered before the failed copy would hold no K/V
                 self.prefix = None
 
+    def reuse(self, request: Request) -> Reuse:
+        """Prompt tokens of a waiting request that the prefix cache holds, and how many more (whole blocks) running
+        requests of its task are prefilling now and will store: those whose blocks are being kept (not scrubbed,
+        not forgotten). Touches nothing: the scheduler asks every step."""
+        if self.prefix is None or request.echo:
+            return Reuse(0, 0)
+        size, tokens, end = self.prefix.block_size, request.prompt[:-1], 0  # the last prompt token always runs
+        for slot, other in self._requests.items():
+            chain = self._chains.get(slot)
+            if other.decoding or other.spec != request.spec or chain is None or slot in self._scrubbed:
+                continue
+            n = min(len(tokens), len(other.prompt))
+            differ = np.flatnonzero(tokens[:n] != other.prompt[:n])
+            blocks = (int(differ[0]) if len(differ) else n) // size
+            if blocks > chain.blocks:  # it has some of them still to compute
+                end = max(end, blocks)
+        if not end:
+            return Reuse(0, 0)
+        cached = len(self.prefix.match(request.spec, tokens, touch=False))
+        return Reuse(cached * size, max(0, end - cached) * size)
+
     def free(self, request: Request) -> None:
         """Take the slot back, keeping the blocks of its answer too (the last sampled token has no K/V)."""
         if request.slot >= 0:
             self.keep(request)
             self._chains.pop(request.slot, None)
+            self._requests.pop(request.slot, None)
             self._scrubbed.discard(request.slot)
             self._free.append(request.slot)
             request.slot = -1

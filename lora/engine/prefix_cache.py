@@ -57,8 +57,8 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, spec: Spec, tokens: np.ndarray) -> list[Block]:
-        """The cached blocks of the longest prefix of `tokens` (whole blocks), marked most recently used."""
+    def match(self, spec: Spec, tokens: np.ndarray, touch: bool = True) -> list[Block]:
+        """The cached blocks of the longest prefix of `tokens` (whole blocks), marked most recently used (touch)."""
         found: list[Block] = []
         keys = []
         size, parent = self.block_size, -1
@@ -70,7 +70,7 @@ class PrefixCache:
             found.append(block)
             keys.append(key)
             parent = block.id
-        for key in reversed(keys):  # the end of the prefix first: its parents stay more recent than it
+        for key in reversed(keys if touch else []):  # the end of the prefix first: its parents stay more recent
             self._blocks.move_to_end(key)
         return found
 

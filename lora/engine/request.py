@@ -129,6 +129,8 @@ class Request:
     generator: torch.Generator | None = None  # its own random stream when it has a seed
     matcher: Matcher | None = None  # its place in its grammar, when it has one
     arrival: int = 0  # the scheduler step at which it was queued (aging)
+    order: int = 0  # its place in the queue, first come first served (the scheduler's)
+    held: int = 0  # steps it waited for a running request to prefill its prompt's prefix (see scheduler)
     slot: int = -1  # its place in the KV cache while running
     computed: int = 0  # prompt tokens whose K/V are in the cache
     tokens: list[int] = field(default_factory=list)

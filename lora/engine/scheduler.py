@@ -6,13 +6,19 @@ A step holds the next token of every decoding request, then prompt chunks of pre
 between steps. Blends (and every task in "merged" mode) run alone, on merged weights; so that a steady
 stream of other requests cannot starve them, a request that has waited `aging_steps` steps stops the
 admission of anything queued after it until it fits.
+Prefix holds: a waiting request whose prompt is mostly blocks that a running request is prefilling right now
+(same task: a system prompt or prompt format sent by several clients at once) is not admitted to compute them
+again; it waits until they are in the prefix cache and takes them from there (what vLLM does in effect). It
+keeps its place in the queue and does not stop the admission of others; it waits at most `aging_steps` steps.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..errors import LoraError
 from .request import QueueFull, Request, Spec
@@ -20,12 +26,21 @@ from .request import QueueFull, Request, Spec
 MODES = ("auto", "merged", "mixed")
 
 
+class Reuse(NamedTuple):
+    """What the KV cache can give a waiting request: prompt tokens its prefix cache holds now, and tokens more of
+    it (whole blocks) that running requests are prefilling now and will store."""
+    cached: int
+    coming: int
+
+
 class KVCapacity(Protocol):
-    """The part of the KV cache the scheduler sees: room for a request, or not."""
+    """The part of the KV cache the scheduler sees: room for a request, or not; what of its prompt is cached."""
 
     def allocate(self, request: Request) -> bool: ...
 
     def free(self, request: Request) -> None: ...
+
+    def reuse(self, request: Request) -> Reuse: ...
 
 
 @dataclass
@@ -82,7 +97,8 @@ class Scheduler:
         self.max_waiting, self.max_waiting_tokens = max_waiting, max_waiting_tokens
         self.max_loras, self.aging_steps = max_loras, aging_steps
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order
+        self.running: list[Request] = []  # in queue order (prompt chunks are laid out first come, first served)
+        self._order = itertools.count()
         self.waiting_tokens = 0
         self.steps = 0
 
@@ -101,7 +117,7 @@ class Scheduler:
         if self.max_loras is not None and len(request.task_names) > self.max_loras:
             raise LoraError(f"the request blends {len(request.task_names)} tasks, over this engine's max_loras of "
                             f"{self.max_loras}; blend fewer tasks")
-        request.arrival = self.steps
+        request.arrival, request.order = self.steps, next(self._order)
         self.waiting.append(request)
         self.waiting_tokens += len(request.prompt)
 
@@ -147,11 +163,25 @@ class Scheduler:
                 if self.steps - request.arrival >= self.aging_steps:
                     break  # it has waited long enough: the running set drains until it fits
                 continue
+            if self._holds(request):
+                continue
             if not self.kv.allocate(request):
                 break
             self.waiting.remove(request)
             self.waiting_tokens -= len(request.prompt)
-            self.running.append(request)
+            bisect.insort(self.running, request, key=lambda r: r.order)  # before those admitted while it was held
+
+    def _holds(self, request: Request) -> bool:
+        """Whether the request waits for blocks a running request is prefilling: when they are at least half of what
+        it would compute. Computing them again costs about as long as waiting (it would run behind that request in
+        the step's prefill budget, and a step's cost grows with its tokens), and slows every other request."""
+        if request.held >= self.aging_steps:
+            return False
+        reuse = self.kv.reuse(request)
+        if 2 * reuse.coming < len(request.prompt) - reuse.cached:
+            return False
+        request.held += 1
+        return True
 
     def _may_join(self, request: Request) -> bool:
         """Blends, and every task in "merged" mode, run alone; max_loras bounds the tasks of one step."""
