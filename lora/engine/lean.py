@@ -29,12 +29,61 @@ from torch.nn.modules import module as torch_module
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama as llama
 
+from ..quant import fuse_int8
 from .attention import ATTENTION, SlotAttention
 
 
 class Logits(NamedTuple):
     """What the runner reads of a forward's output."""
     logits: torch.Tensor
+
+
+class Int8Group(NamedTuple):
+    """Int8Linears that read one input (a layer's q/k/v, its gate/up, or one layer alone) run as one call of the int8
+    kernel (lora.quant.fuse_int8), valid while each is as it was grouped: the module its parent holds, with no hooks
+    and no replaced forward, its weight and scale still the group's rows."""
+    weight: torch.Tensor
+    scale: torch.Tensor
+    modules: tuple[torch.nn.Module, ...]
+    views: tuple[tuple[int, int], ...]  # each module's (weight, scale) data_ptr
+
+    def intact(self, modules: tuple[torch.nn.Module, ...]) -> bool:
+        return modules == self.modules and all(
+            not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and _views(m) == views
+            for m, views in zip(modules, self.views))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The modules' outputs side by side in bfloat16: what each Int8Linear computes before casting to x's dtype."""
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
+
+
+class Int8Layer(NamedTuple):
+    """A decoder layer's Int8Linears as groups (None: not Int8Linears)."""
+    qkv: Int8Group | None
+    o: Int8Group | None
+    gate_up: Int8Group | None
+    down: Int8Group | None
+
+
+def int8_group(*modules: torch.nn.Module) -> Int8Group | None:
+    """The modules as one Int8Group, or None where they are not bias-free Int8Linears of one input on a CPU."""
+    layer = fuse_int8(list(modules))
+    if layer is None:
+        return None
+    return Int8Group(layer.weight, layer.scale, modules, tuple(_views(m) for m in modules))
+
+
+def _views(module: Any) -> tuple[int, int]:
+    """Where an Int8Linear's weight and scale are (its _parameters and _buffers: nn.Module's getattr costs more)."""
+    return module._parameters["weight"].data_ptr(), module._buffers["scale"].data_ptr()
+
+
+def _linear(group: Int8Group | None, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), straight on the int8 kernel where the module is its group (no module call, no reshapes)."""
+    if group is None or not group.intact((module,)):
+        return module(x)
+    return group(x).to(x.dtype)
 
 
 def _rms_norm(norm: llama.LlamaRMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +106,12 @@ class LeanForward:
     def __init__(self, model: Any) -> None:
         self.model = model
         self._bypassed = lean_modules(model)  # None: not a model this forward knows
+        # Int8Linears run straight on the kernel, a layer's q/k/v as one matmul and its gate/up as another
+        layers: list[Any] = list(model.model.layers) if self._bypassed is not None else []
+        self._int8 = [Int8Layer(int8_group(a.q_proj, a.k_proj, a.v_proj), int8_group(a.o_proj),
+                                int8_group(m.gate_proj, m.up_proj), int8_group(m.down_proj))
+                      for a, m in ((layer.self_attn, layer.mlp) for layer in layers)]
+        self._head = int8_group(model.lm_head) if layers else None
 
     def usable(self) -> bool:
         """Whether this call can run lean: a known model, nothing hooked or replaced on the modules it bypasses."""
@@ -81,21 +136,34 @@ class LeanForward:
         half = cos.shape[-1] // 2
         # rotate_half(x) * sin is cat(-x2, x1) * sin == cat(x2, x1) * cat(-sin1, sin2): a sign flip is exact
         cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
-        for layer in model.layers:
+        for layer, int8 in zip(model.layers, self._int8):
             attn, mlp = layer.self_attn, layer.mlp
+            projections = attn.q_proj, attn.k_proj, attn.v_proj
             x = _rms_norm(layer.input_layernorm, hidden)
-            q = attn.q_proj(x)
-            heads = q.shape[-1] // attn.head_dim
+            if int8.qkv is not None and int8.qkv.intact(projections):  # q, k, v side by side: slices, no cat
+                out = int8.qkv(x).to(x.dtype)  # what each Int8Linear casts its output to
+                split = projections[0].out_features + projections[1].out_features
+                qk, v = out[..., :split], out[..., split:]
+            else:
+                qk, v = torch.cat((attn.q_proj(x), attn.k_proj(x)), -1), attn.v_proj(x)
+            heads = projections[0].out_features // attn.head_dim
             # queries and keys rotated in one go, as apply_rotary_pos_emb does each: x * cos + rotate_half(x) * sin
-            qk = torch.cat((q, attn.k_proj(x)), -1).view(1, rows, -1, attn.head_dim)
+            qk = qk.view(1, rows, -1, attn.head_dim)
             qk = (qk * cos).add_(torch.cat((qk[..., half:], qk[..., :half]), -1).mul_(sin)).transpose(1, 2)
-            v = attn.v_proj(x).view(1, rows, -1, attn.head_dim).transpose(1, 2)
+            v = v.view(1, rows, -1, attn.head_dim).transpose(1, 2)
             out, _ = step.attend(attn.layer_idx, qk[:, :heads], qk[:, heads:], v, attn.scaling)
-            hidden = hidden + attn.o_proj(out.reshape(1, rows, -1))
+            hidden = hidden + _linear(int8.o, attn.o_proj, out.reshape(1, rows, -1))
             x = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        hidden = _rms_norm(model.norm, hidden)
-        return self.model.lm_head(hidden[:, keep])
+            if int8.gate_up is not None and int8.gate_up.intact((mlp.gate_proj, mlp.up_proj)):
+                out = int8.gate_up(x).to(x.dtype)
+                width = mlp.gate_proj.out_features
+                # silu of a contiguous copy: on a strided slice its vector and scalar paths split rows differently
+                gate, up = out[..., :width].contiguous(), out[..., width:]
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = hidden + _linear(int8.down, mlp.down_proj, F.silu(gate) * up)
+        hidden = _rms_norm(model.norm, hidden)[:, keep]
+        return _linear(self._head, self.model.lm_head, hidden)
 
 
 def lean_modules(model: Any) -> list[torch.nn.Module] | None:
