@@ -40,30 +40,21 @@ class Logits(NamedTuple):
 
 class Int8Group(NamedTuple):
     """Int8Linears that read one input (a layer's q/k/v, its gate/up, or one layer alone) run as one call of the int8
-    kernel (lora.quant.fuse_int8), valid while each is as it was grouped: the module its parent holds, with no hooks
-    and no replaced forward, its weight and scale still the group's rows."""
+    kernel (lora.quant.fuse_int8), valid while each is as it was grouped (`intact`)."""
     weight: torch.Tensor
     scale: torch.Tensor
     modules: tuple[torch.nn.Module, ...]
     views: tuple[tuple[int, int], ...]  # each module's (weight, scale) data_ptr
 
-    def intact(self, modules: tuple[torch.nn.Module, ...]) -> bool:
-        return modules == self.modules and all(
-            not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and _views(m) == views
-            for m, views in zip(modules, self.views))
+    def intact(self) -> bool:
+        """No module has hooks or a replaced forward, and each still holds the group's rows as weight and scale."""
+        return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and
+                   _views(m) == views for m, views in zip(self.modules, self.views))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The modules' outputs side by side in bfloat16: what each Int8Linear computes before casting to x's dtype."""
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scale)
         return out.view(*x.shape[:-1], self.weight.shape[0])
-
-
-class Int8Layer(NamedTuple):
-    """A decoder layer's Int8Linears as groups (None: not Int8Linears)."""
-    qkv: Int8Group | None
-    o: Int8Group | None
-    gate_up: Int8Group | None
-    down: Int8Group | None
 
 
 def int8_group(*modules: torch.nn.Module) -> Int8Group | None:
@@ -75,13 +66,38 @@ def int8_group(*modules: torch.nn.Module) -> Int8Group | None:
 
 
 def _views(module: Any) -> tuple[int, int]:
-    """Where an Int8Linear's weight and scale are (its _parameters and _buffers: nn.Module's getattr costs more)."""
     return module._parameters["weight"].data_ptr(), module._buffers["scale"].data_ptr()
 
 
-def _linear(group: Int8Group | None, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), straight on the int8 kernel where the module is its group (no module call, no reshapes)."""
-    if group is None or not group.intact((module,)):
+class Layer(NamedTuple):
+    """A decoder layer's modules, read once: nn.Module's getattr costs about 1 us, and a step of SmolLM2 made 600."""
+    input_norm: Any
+    post_norm: Any
+    attn: Any
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    gate: Any
+    up: Any
+    down: Any
+    qkv8: Int8Group | None  # q, k, v as one int8 matmul (None: they are not Int8Linears)
+    o8: Int8Group | None
+    gate_up8: Int8Group | None
+    down8: Int8Group | None
+
+
+def _layer(layer: Any) -> Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    q, k, v, o, gate, up, down = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, \
+        mlp.down_proj
+    return Layer(layer.input_layernorm, layer.post_attention_layernorm, attn, q, k, v, o, gate, up, down,
+                 int8_group(q, k, v), int8_group(o), int8_group(gate, up), int8_group(down))
+
+
+def _run(group: Int8Group | None, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), straight on the int8 kernel where its group is intact (no module call, no reshapes)."""
+    if group is None or not group.intact():
         return module(x)
     return group(x).to(x.dtype)
 
@@ -91,7 +107,8 @@ def _rms_norm(norm: llama.LlamaRMSNorm, x: torch.Tensor) -> torch.Tensor:
     where the module rounds twice, so there the module runs."""
     if x.dtype != torch.float32:
         return norm(x)
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    weight: Any = norm._parameters["weight"]
+    return F.rms_norm(x, weight.shape, weight, norm.variance_epsilon)
 
 
 def _global_hooks() -> bool:
@@ -105,16 +122,21 @@ class LeanForward:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self._read()
+
+    def _read(self) -> None:
+        """Read the model's modules, and the children of each that holds some (to see a module replaced)."""
+        model = self.model
         self._bypassed = lean_modules(model)  # None: not a model this forward knows
-        # Int8Linears run straight on the kernel, a layer's q/k/v as one matmul and its gate/up as another
         layers: list[Any] = list(model.model.layers) if self._bypassed is not None else []
-        self._int8 = [Int8Layer(int8_group(a.q_proj, a.k_proj, a.v_proj), int8_group(a.o_proj),
-                                int8_group(m.gate_proj, m.up_proj), int8_group(m.down_proj))
-                      for a, m in ((layer.self_attn, layer.mlp) for layer in layers)]
+        self._layers = [_layer(layer) for layer in layers]
         self._head = int8_group(model.lm_head) if layers else None
+        self._children = [(m, dict(m._modules)) for m in model.modules() if m._modules]
 
     def usable(self) -> bool:
         """Whether this call can run lean: a known model, nothing hooked or replaced on the modules it bypasses."""
+        if any(m._modules != children for m, children in self._children):
+            self._read()  # a module was replaced (LoRA layers injected, say)
         return self._bypassed is not None and not self.model.training and not _global_hooks() and \
             getattr(self.model.config, "_attn_implementation", None) == ATTENTION and not any(
                 m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self._bypassed)
@@ -136,34 +158,33 @@ class LeanForward:
         half = cos.shape[-1] // 2
         # rotate_half(x) * sin is cat(-x2, x1) * sin == cat(x2, x1) * cat(-sin1, sin2): a sign flip is exact
         cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
-        for layer, int8 in zip(model.layers, self._int8):
-            attn, mlp = layer.self_attn, layer.mlp
-            projections = attn.q_proj, attn.k_proj, attn.v_proj
-            x = _rms_norm(layer.input_layernorm, hidden)
-            if int8.qkv is not None and int8.qkv.intact(projections):  # q, k, v side by side: slices, no cat
-                out = int8.qkv(x).to(x.dtype)  # what each Int8Linear casts its output to
-                split = projections[0].out_features + projections[1].out_features
+        for layer in self._layers:
+            attn = layer.attn
+            x = _rms_norm(layer.input_norm, hidden)
+            if layer.qkv8 is not None and layer.qkv8.intact():  # q, k, v side by side: slices, no cat
+                out = layer.qkv8(x).to(x.dtype)  # what each Int8Linear casts its output to
+                split = layer.q.out_features + layer.k.out_features
                 qk, v = out[..., :split], out[..., split:]
             else:
-                qk, v = torch.cat((attn.q_proj(x), attn.k_proj(x)), -1), attn.v_proj(x)
-            heads = projections[0].out_features // attn.head_dim
+                qk, v = torch.cat((layer.q(x), layer.k(x)), -1), layer.v(x)
+            heads = layer.q.out_features // attn.head_dim
             # queries and keys rotated in one go, as apply_rotary_pos_emb does each: x * cos + rotate_half(x) * sin
             qk = qk.view(1, rows, -1, attn.head_dim)
             qk = (qk * cos).add_(torch.cat((qk[..., half:], qk[..., :half]), -1).mul_(sin)).transpose(1, 2)
             v = v.view(1, rows, -1, attn.head_dim).transpose(1, 2)
             out, _ = step.attend(attn.layer_idx, qk[:, :heads], qk[:, heads:], v, attn.scaling)
-            hidden = hidden + _linear(int8.o, attn.o_proj, out.reshape(1, rows, -1))
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
-            if int8.gate_up is not None and int8.gate_up.intact((mlp.gate_proj, mlp.up_proj)):
-                out = int8.gate_up(x).to(x.dtype)
-                width = mlp.gate_proj.out_features
+            hidden = hidden + _run(layer.o8, layer.o, out.reshape(1, rows, -1))
+            x = _rms_norm(layer.post_norm, hidden)
+            if layer.gate_up8 is not None and layer.gate_up8.intact():
+                out = layer.gate_up8(x).to(x.dtype)
+                width = layer.gate.out_features
                 # silu of a contiguous copy: on a strided slice its vector and scalar paths split rows differently
                 gate, up = out[..., :width].contiguous(), out[..., width:]
             else:
-                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            hidden = hidden + _linear(int8.down, mlp.down_proj, F.silu(gate) * up)
+                gate, up = layer.gate(x), layer.up(x)
+            hidden = hidden + _run(layer.down8, layer.down, F.silu(gate) * up)
         hidden = _rms_norm(model.norm, hidden)[:, keep]
-        return _linear(self._head, self.model.lm_head, hidden)
+        return _run(self._head, self.model.lm_head, hidden)
 
 
 def lean_modules(model: Any) -> list[torch.nn.Module] | None:
