@@ -107,15 +107,21 @@ def int8_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, absmax
 
 
+def kernel_fits(q: torch.Tensor) -> bool:
+    """Whether PyTorch's int8 weight-only kernel takes this int8 weight: on a CPU, with a multiple of 16 input
+    features (torch 2.13's kernel crashes the process on others, 40 or 200, say)."""
+    return q.device.type == "cpu" and q.shape[1] % 16 == 0
+
+
 class _Int8MatMul(torch.autograd.Function):
     """x @ (q * scale).T with bfloat16 x; backward gives x its gradient (the weight is frozen)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(q, scale)
-        if x.device.type == "cpu":
+        if kernel_fits(q):
             return torch.ops.aten._weight_int8pack_mm(x, q, scale)
-        return x @ (q.to(x.dtype) * scale.unsqueeze(1)).T  # no int8 weight-only kernel there: de-quantize
+        return x @ (q.to(x.dtype) * scale.unsqueeze(1)).T  # no int8 weight-only kernel for it: de-quantize
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -154,7 +160,7 @@ class Int8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if flat.requires_grad or flat.device.type != "cpu":
+        if flat.requires_grad or not kernel_fits(self.weight):
             out = _Int8MatMul.apply(flat, self.weight, self.scale)
         else:  # serving: the kernel itself (autograd.Function's bookkeeping costs as much as a small layer's matmul)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
@@ -164,7 +170,7 @@ class Int8Linear(nn.Linear):
 
 def fuse_int8(modules: list[nn.Module]) -> Int8Linear | None:
     """One Int8Linear whose output is `modules`' outputs side by side (layers that read one input: q/k/v, gate/up),
-    or None where they cannot be one (not all bias-free Int8Linears of one input size on a CPU).
+    or None where they cannot be one (not all bias-free Int8Linears of one input size that the kernel takes).
 
     Their weights and scales become views of its rows, so nothing is held twice. The kernel computes each output row
     alone (the row's dot product with the input, times its scale), so every value is bit for bit what each layer
@@ -172,7 +178,7 @@ def fuse_int8(modules: list[nn.Module]) -> Int8Linear | None:
     """
     first: Any = modules[0]
     if any(type(m) is not Int8Linear or m.bias is not None or m.in_features != first.in_features or
-           m.weight.device.type != "cpu" for m in modules):
+           not kernel_fits(m.weight) for m in modules):
         return None
     layers: list[Any] = modules
     fused = Int8Linear(first.in_features, sum(m.out_features for m in layers), bias=False, device="meta")

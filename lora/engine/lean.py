@@ -58,7 +58,7 @@ class Int8Group(NamedTuple):
 
 
 def int8_group(*modules: torch.nn.Module) -> Int8Group | None:
-    """The modules as one Int8Group, or None where they are not bias-free Int8Linears of one input on a CPU."""
+    """The modules as one Int8Group, or None where lora.quant.fuse_int8 cannot make them one."""
     layer = fuse_int8(list(modules))
     if layer is None:
         return None
