@@ -156,7 +156,7 @@ class LeanForward:
         rows = hidden.shape[1]
         cos, sin = model.rotary_emb(hidden, position_ids)  # (1, rows, head_dim) each, once for every layer
         half = cos.shape[-1] // 2
-        # rotate_half(x) * sin is cat(-x2, x1) * sin == cat(x2, x1) * cat(-sin1, sin2): a sign flip is exact
+        # rotate_half(x) * sin is cat(-x2, x1) * sin == roll(x, half) * cat(-sin1, sin2): a sign flip is exact
         cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
         for layer in self._layers:
             attn = layer.attn
@@ -170,7 +170,7 @@ class LeanForward:
             heads = layer.q.out_features // attn.head_dim
             # queries and keys rotated in one go, as apply_rotary_pos_emb does each: x * cos + rotate_half(x) * sin
             qk = qk.view(1, rows, -1, attn.head_dim)
-            qk = (qk * cos).add_(torch.cat((qk[..., half:], qk[..., :half]), -1).mul_(sin)).transpose(1, 2)
+            qk = (qk * cos).add_(qk.roll(half, -1).mul_(sin)).transpose(1, 2)
             v = v.view(1, rows, -1, attn.head_dim).transpose(1, 2)
             out, _ = step.attend(attn.layer_idx, qk[:, :heads], qk[:, heads:], v, attn.scaling)
             hidden = hidden + _run(layer.o8, layer.o, out.reshape(1, rows, -1))
