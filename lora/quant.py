@@ -185,9 +185,12 @@ def fuse_int8(modules: list[nn.Module]) -> Int8Linear | None:
     fused.weight = nn.Parameter(_stacked([m.weight.data for m in layers]), requires_grad=False)
     fused.scale = _stacked([m.scale for m in layers])
     start = 0
-    for m in layers:
+    for m in layers:  # a layer that holds its rows already (fused before) keeps its tensors
         rows = slice(start, start + m.out_features)
-        m.weight.data, m.scale = fused.weight.data[rows], fused.scale[rows]
+        if m.weight.data_ptr() != fused.weight[rows].data_ptr():
+            m.weight.data = fused.weight.data[rows]
+        if m.scale.data_ptr() != fused.scale[rows].data_ptr():
+            m.scale = fused.scale[rows]
         start = rows.stop
     return fused.eval()
 

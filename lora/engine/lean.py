@@ -49,13 +49,14 @@ class Int8Group(NamedTuple):
     kernel (lora.quant.fuse_int8), valid while each is as it was grouped (`intact`)."""
     weight: torch.Tensor
     scale: torch.Tensor
-    modules: tuple[torch.nn.Module, ...]
-    views: tuple[tuple[int, int], ...]  # each module's (weight, scale) data_ptr
+    members: tuple[tuple[Any, int, torch.Tensor], ...]  # each module, its weight's data_ptr, its scale (a view)
 
     def intact(self) -> bool:
-        """No module has hooks or a replaced forward, and each still holds the group's rows as weight and scale."""
+        """No module has hooks or a replaced forward, and each still holds the group's rows as weight and scale.
+        (Read from _parameters and _buffers: nn.Module's getattr would cost as much as a small layer's matmul.)"""
         return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and
-                   _views(m) == views for m, views in zip(self.modules, self.views))
+                   m._parameters["weight"].data_ptr() == weight and m._buffers["scale"] is scale
+                   for m, weight, scale in self.members)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The modules' outputs side by side in bfloat16: what each Int8Linear computes before casting to x's dtype."""
@@ -63,16 +64,12 @@ class Int8Group(NamedTuple):
         return out.view(*x.shape[:-1], self.weight.shape[0])
 
 
-def int8_group(*modules: torch.nn.Module) -> Int8Group | None:
+def int8_group(*modules: Any) -> Int8Group | None:
     """The modules as one Int8Group, or None where lora.quant.fuse_int8 cannot make them one."""
     layer = fuse_int8(list(modules))
     if layer is None:
         return None
-    return Int8Group(layer.weight, layer.scale, modules, tuple(_views(m) for m in modules))
-
-
-def _views(module: Any) -> tuple[int, int]:
-    return module._parameters["weight"].data_ptr(), module._buffers["scale"].data_ptr()
+    return Int8Group(layer.weight, layer.scale, tuple((m, m.weight.data_ptr(), m.scale) for m in modules))
 
 
 class Layer(NamedTuple):
