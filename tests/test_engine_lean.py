@@ -1,9 +1,11 @@
 """The engine's own forward of Llama-family models answers as Hugging Face's forward does, hooks and switches included."""
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora.engine import Engine, SamplingParams
+from lora.quant import Int8Linear, fuse_int8
 from tests.conftest import make_adapter
 
 GREEDY = SamplingParams(max_tokens=12, min_tokens=12, logprobs=0)  # a fixed length: no early eos on random models
@@ -49,3 +51,56 @@ def test_a_hook_on_a_decoder_layer_runs_in_engine_steps(tiny_llama):
     finally:
         handle.remove()
     assert Engine(mt, max_num_seqs=1).generate([ids], [None], GREEDY)[0].new_token_ids == plain
+
+
+def own_forward(run):
+    """run() with the engine on the model's own forward: a global forward hook (here a no-op) turns its lean one off."""
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        return run()
+    finally:
+        handle.remove()
+
+
+def test_w8a16_engine_steps_give_the_models_own_logits_bit_for_bit_hooks_and_replaced_layers_included(tiny_tokenizer):
+    torch.manual_seed(0)  # an MLP width that is no multiple of 32: silu's vector loop leaves a tail in each row
+    config = LlamaConfig(hidden_size=32, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tiny_tokenizer), initializer_range=0.1)
+    mt = lora.MultiTaskModel(LlamaForCausalLM(config).eval(), tokenizer=tiny_tokenizer, quantize="w8a16")
+    prompts = [mt.tokenizer(f"What colour is the {thing}?")["input_ids"] for thing in ("lamp", "river", "sky")]
+    engine = Engine(mt, max_num_seqs=3, max_prefill_tokens=5)  # q/k/v and gate/up each run as one int8 matmul
+
+    def answers():  # three sequences, prompts in chunks: steps of several rows and of one
+        return [answer(o) for o in engine.generate(prompts, [None] * 3, GREEDY)]
+    lean = answers()
+    assert lean == own_forward(answers)  # the log-probabilities too, to the last bit
+    layers = mt.pretrained_model.model.layers
+    handle = layers[0].self_attn.k_proj.register_forward_hook(lambda module, args, out: out * 2)
+    try:
+        hooked = answers()
+        assert hooked == own_forward(answers) and hooked != lean
+    finally:
+        handle.remove()
+    assert answers() == lean
+    down = layers[1].mlp.down_proj
+    layers[1].mlp.down_proj = Int8Linear.from_linear(torch.nn.Linear(down.in_features, down.out_features, bias=False))
+    replaced = answers()
+    assert replaced == own_forward(answers) and replaced != lean
+
+
+def test_int8_layers_of_one_input_fuse_into_one_bit_for_bit_without_a_second_copy():
+    torch.manual_seed(0)
+    layers = [Int8Linear.from_linear(torch.nn.Linear(64, n, bias=False)) for n in (64, 32, 32)]
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = torch.cat([m(x) for m in layers], -1)
+        fused = fuse_int8(layers)
+        assert fused is not None and torch.equal(fused(x), expected)
+        assert {m.weight.untyped_storage().data_ptr() for m in [fused, *layers]} == {
+            fused.weight.untyped_storage().data_ptr()}  # the layers' weights are rows of the fused one
+        assert torch.equal(torch.cat([m(x) for m in layers], -1), expected)
+    assert fuse_int8([layers[0], Int8Linear.from_linear(torch.nn.Linear(64, 8))]) is None  # a bias: not fused
+    odd = Int8Linear.from_linear(torch.nn.Linear(40, 8, bias=False))  # the kernel would crash on 40 input features
+    assert fuse_int8([odd]) is None
+    with torch.no_grad():
+        torch.testing.assert_close(odd(x[:, :40]), x[:, :40] @ odd.dense_weight().T, rtol=0.02, atol=0.02)

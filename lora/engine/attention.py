@@ -68,8 +68,8 @@ class SlotAttention:
         n = self.n_decode
         if self.rows is not None and n == query.shape[2] == 1:  # a single stream: a copy in, views, no copy out
             slot, length = self.rows[0]
-            k_cache[slot, :, length - 1] = key[0, :, 0]
-            v_cache[slot, :, length - 1] = value[0, :, 0]
+            k_cache[slot:slot + 1, :, length - 1:length] = key  # slices of the same shape: no indexing of key
+            v_cache[slot:slot + 1, :, length - 1:length] = value
             q = query.reshape(1, kv_heads, groups, d)
             o = F.scaled_dot_product_attention(q, k_cache[slot:slot + 1, :, :length],
                                                v_cache[slot:slot + 1, :, :length], scale=scaling)

@@ -3,7 +3,7 @@
 Hugging Face's forward spends much of a small model's decode step outside its matmuls: per layer, keyword
 plumbing through decorated calls (deprecated-argument checks, output capture, gradient-checkpointing layers),
 the attention interface lookup, a six-op RMSNorm twice. This forward runs the same computation in the same
-order on the same modules: every linear layer and the embedding are still called as modules, so forward hooks
+order on the same modules: every float linear layer and the embedding are still called as modules, so hooks
 (a task's per-token update, a quantized base's task), prepacked or split weights (engine.packed) and merged
 weights (lora.switch points parameters at them) all apply as before. Only the glue is rewritten: RMSNorm as
 `F.rms_norm` in float32 (the same ops in the same order on a CPU, so bit for bit the same values; other dtypes
@@ -14,6 +14,12 @@ Measured together with the single stream's attention (engine.attention), SmolLM2
 cores, torch 2.13: `bench/prepack.py --threads 2 --batch 1` (near idle) 46.4-46.8 -> 40.5-41.4 ms a decode step;
 1 thread, CPU time, loaded: one sequence 64.0 -> 55.9 ms, 8 sequences 80.4 -> 76.7 ms; the forward's glue
 alone (SmolLM2's layers with tiny matrices) 14.3 -> 8.8 ms a step.
+
+Over a w8a16 base (lora.quant.Int8Linear) the int8 layers are the exception: where a layer has no hooks and no
+replaced forward it runs straight on the int8 kernel, and a layer's q/k/v, and its gate/up, as one matmul each
+over their rows concatenated (lora.quant.fuse_int8: the same values; 211 -> 121 kernel calls a SmolLM2 token).
+A layer with hooks (a task's update) is called as a module, as before. With each layer's modules read once (Layer),
+1 thread, CPU time, loaded, interleaved with the previous commit: a w8a16 decode step 43.5 -> 36.9 ms.
 
 It serves one kind of model: LlamaForCausalLM (SmolLM2 is one) with its own module classes, SiLU and the
 engine's attention. Any other model, or a call where a module it would bypass has hooks or a replaced forward
@@ -29,6 +35,7 @@ from torch.nn.modules import module as torch_module
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama as llama
 
+from ..quant import fuse_int8
 from .attention import ATTENTION, SlotAttention
 
 
@@ -37,12 +44,74 @@ class Logits(NamedTuple):
     logits: torch.Tensor
 
 
+class Int8Group(NamedTuple):
+    """Int8Linears that read one input (a layer's q/k/v, its gate/up, or one layer alone) run as one call of the int8
+    kernel (lora.quant.fuse_int8), valid while each is as it was grouped (`intact`)."""
+    weight: torch.Tensor
+    scale: torch.Tensor
+    members: tuple[tuple[Any, int, torch.Tensor], ...]  # each module, its weight's data_ptr, its scale (a view)
+
+    def intact(self) -> bool:
+        """No module has hooks or a replaced forward, and each still holds the group's rows as weight and scale.
+        (Read from _parameters and _buffers: nn.Module's getattr would cost as much as a small layer's matmul.)"""
+        return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and
+                   m._parameters["weight"].data_ptr() == weight and m._buffers["scale"] is scale
+                   for m, weight, scale in self.members)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The modules' outputs side by side in bfloat16: what each Int8Linear computes before casting to x's dtype."""
+        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        return out.view(*x.shape[:-1], self.weight.shape[0])
+
+
+def int8_group(*modules: Any) -> Int8Group | None:
+    """The modules as one Int8Group, or None where lora.quant.fuse_int8 cannot make them one."""
+    layer = fuse_int8(list(modules))
+    if layer is None:
+        return None
+    return Int8Group(layer.weight, layer.scale, tuple((m, m.weight.data_ptr(), m.scale) for m in modules))
+
+
+class Layer(NamedTuple):
+    """A decoder layer's modules, read once: nn.Module's getattr costs about 1 us, and a step of SmolLM2 made 600."""
+    input_norm: Any
+    post_norm: Any
+    attn: Any
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    gate: Any
+    up: Any
+    down: Any
+    qkv8: Int8Group | None  # q, k, v as one int8 matmul (None: they are not Int8Linears)
+    o8: Int8Group | None
+    gate_up8: Int8Group | None
+    down8: Int8Group | None
+
+
+def _layer(layer: Any) -> Layer:
+    attn, mlp = layer.self_attn, layer.mlp
+    q, k, v, o, gate, up, down = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, \
+        mlp.down_proj
+    return Layer(layer.input_layernorm, layer.post_attention_layernorm, attn, q, k, v, o, gate, up, down,
+                 int8_group(q, k, v), int8_group(o), int8_group(gate, up), int8_group(down))
+
+
+def _run(group: Int8Group | None, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), straight on the int8 kernel where its group is intact (no module call, no reshapes)."""
+    if group is None or not group.intact():
+        return module(x)
+    return group(x).to(x.dtype)
+
+
 def _rms_norm(norm: llama.LlamaRMSNorm, x: torch.Tensor) -> torch.Tensor:
     """norm(x), fused in float32 (the same ops in the same order); in bfloat16 or float16 F.rms_norm rounds once
     where the module rounds twice, so there the module runs."""
     if x.dtype != torch.float32:
         return norm(x)
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    weight: Any = norm._parameters["weight"]
+    return F.rms_norm(x, weight.shape, weight, norm.variance_epsilon)
 
 
 def _global_hooks() -> bool:
@@ -56,10 +125,21 @@ class LeanForward:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self._read()
+
+    def _read(self) -> None:
+        """Read the model's modules, and the children of each that holds some (to see a module replaced)."""
+        model = self.model
         self._bypassed = lean_modules(model)  # None: not a model this forward knows
+        layers: list[Any] = list(model.model.layers) if self._bypassed is not None else []
+        self._layers = [_layer(layer) for layer in layers]
+        self._head = int8_group(model.lm_head) if layers else None
+        self._children = [(m, dict(m._modules)) for m in model.modules() if m._modules]
 
     def usable(self) -> bool:
         """Whether this call can run lean: a known model, nothing hooked or replaced on the modules it bypasses."""
+        if any(m._modules != children for m, children in self._children):
+            self._read()  # a module was replaced (LoRA layers injected, say)
         return self._bypassed is not None and not self.model.training and not _global_hooks() and \
             getattr(self.model.config, "_attn_implementation", None) == ATTENTION and not any(
                 m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in self._bypassed)
@@ -79,23 +159,35 @@ class LeanForward:
         rows = hidden.shape[1]
         cos, sin = model.rotary_emb(hidden, position_ids)  # (1, rows, head_dim) each, once for every layer
         half = cos.shape[-1] // 2
-        # rotate_half(x) * sin is cat(-x2, x1) * sin == cat(x2, x1) * cat(-sin1, sin2): a sign flip is exact
+        # rotate_half(x) * sin is cat(-x2, x1) * sin == roll(x, half) * cat(-sin1, sin2): a sign flip is exact
         cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None]
-        for layer in model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            x = _rms_norm(layer.input_layernorm, hidden)
-            q = attn.q_proj(x)
-            heads = q.shape[-1] // attn.head_dim
+        for layer in self._layers:
+            attn = layer.attn
+            x = _rms_norm(layer.input_norm, hidden)
+            if layer.qkv8 is not None and layer.qkv8.intact():  # q, k, v side by side: slices, no cat
+                out = layer.qkv8(x).to(x.dtype)  # what each Int8Linear casts its output to
+                split = layer.q.out_features + layer.k.out_features
+                qk, v = out[..., :split], out[..., split:]
+            else:
+                qk, v = torch.cat((layer.q(x), layer.k(x)), -1), layer.v(x)
+            heads = layer.q.out_features // attn.head_dim
             # queries and keys rotated in one go, as apply_rotary_pos_emb does each: x * cos + rotate_half(x) * sin
-            qk = torch.cat((q, attn.k_proj(x)), -1).view(1, rows, -1, attn.head_dim)
-            qk = (qk * cos).add_(torch.cat((qk[..., half:], qk[..., :half]), -1).mul_(sin)).transpose(1, 2)
-            v = attn.v_proj(x).view(1, rows, -1, attn.head_dim).transpose(1, 2)
+            qk = qk.view(1, rows, -1, attn.head_dim)
+            qk = (qk * cos).add_(qk.roll(half, -1).mul_(sin)).transpose(1, 2)
+            v = v.view(1, rows, -1, attn.head_dim).transpose(1, 2)
             out, _ = step.attend(attn.layer_idx, qk[:, :heads], qk[:, heads:], v, attn.scaling)
-            hidden = hidden + attn.o_proj(out.reshape(1, rows, -1))
-            x = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        hidden = _rms_norm(model.norm, hidden)
-        return self.model.lm_head(hidden[:, keep])
+            hidden = hidden + _run(layer.o8, layer.o, out.reshape(1, rows, -1))
+            x = _rms_norm(layer.post_norm, hidden)
+            if layer.gate_up8 is not None and layer.gate_up8.intact():
+                out = layer.gate_up8(x).to(x.dtype)
+                width = layer.gate.out_features
+                # silu of a contiguous copy: on a strided slice its vector and scalar paths split rows differently
+                gate, up = out[..., :width].contiguous(), out[..., width:]
+            else:
+                gate, up = layer.gate(x), layer.up(x)
+            hidden = hidden + _run(layer.down8, layer.down, F.silu(gate) * up)
+        hidden = _rms_norm(model.norm, hidden)[:, keep]
+        return _run(self._head, self.model.lm_head, hidden)
 
 
 def lean_modules(model: Any) -> list[torch.nn.Module] | None:
