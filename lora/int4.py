@@ -71,7 +71,7 @@ class Int4Linear(nn.Linear):
     """A frozen Linear holding int4 weights in groups of 32 with a bfloat16 scale and zero each (w4a16), run by
     PyTorch's int4 CPU kernel. For serving: it has no backward (train over nf4 or w8a16).
 
-    Subclasses nn.Linear so LoRA layers and `all-linear` find it, as lora.quant's Int8Linear does.
+    Subclasses nn.Linear so LoRA layers and `all-linear` find it, as lora.int8's Int8Linear does.
     """
 
     scales_and_zeros: torch.Tensor

@@ -4,7 +4,7 @@
 
 A is (r, in) and B is (out, r) for every wrapped type, the convention PEFT's files use; only the
 base weight's layout differs (Conv1D and Embedding store it transposed), which `delta_weight` handles.
-Quantized Linears (bitsandbytes' Linear4bit/Linear8bitLt, lora.quant's Int8Linear) subclass nn.Linear and
+Quantized Linears (bitsandbytes' Linear4bit/Linear8bitLt, lora.int8's Int8Linear) subclass nn.Linear and
 are wrapped the same way; their packed weights cannot take a merged adapter.
 """
 import math

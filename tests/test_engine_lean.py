@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora.engine import Engine, SamplingParams
-from lora.quant import Int8Linear, fuse_int8
+from lora.int8 import Int8Linear, fuse_int8
 from tests.conftest import make_adapter
 
 GREEDY = SamplingParams(max_tokens=12, min_tokens=12, logprobs=0)  # a fixed length: no early eos on random models

@@ -10,7 +10,8 @@ import lora
 from lora.cli import main
 from lora.gguf_layout import layout_of, rope_reorder, rope_restore
 from lora.int4 import Int4Linear
-from lora.quant import Int8Linear, dense_weight, dequantize_model, model_quantization
+from lora.int8 import Int8Linear
+from lora.quant import dense_weight, dequantize_model, model_quantization
 
 from .conftest import finetune_argv, write_task
 

@@ -13,10 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lora
 from lora.cli import main
 from lora.data import collate, load_examples
+from lora.int8 import Int8Linear
 from lora.quant import (
     METHODS,
     TRAIN_METHODS,
-    Int8Linear,
     dense_weight,
     dequantize_model,
     is_quantized,

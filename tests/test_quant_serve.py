@@ -11,7 +11,8 @@ import lora
 from lora.cli import main
 from lora.engine import Engine, SamplingParams
 from lora.int4 import Int4Linear
-from lora.quant import Int8Linear, dequantize_model, model_quantization
+from lora.int8 import Int8Linear
+from lora.quant import dequantize_model, model_quantization
 
 from .conftest import PROMPT, THINGS
 

@@ -15,9 +15,9 @@ cores, torch 2.13: `bench/prepack.py --threads 2 --batch 1` (near idle) 46.4-46.
 1 thread, CPU time, loaded: one sequence 64.0 -> 55.9 ms, 8 sequences 80.4 -> 76.7 ms; the forward's glue
 alone (SmolLM2's layers with tiny matrices) 14.3 -> 8.8 ms a step.
 
-Over a w8a16 base (lora.quant.Int8Linear) the int8 layers are the exception: where a layer has no hooks and no
+Over a w8a16 base (lora.int8.Int8Linear) the int8 layers are the exception: where a layer has no hooks and no
 replaced forward it runs straight on the int8 kernel, and a layer's q/k/v, and its gate/up, as one matmul each
-over their rows concatenated (lora.quant.fuse_int8: the same values; 211 -> 121 kernel calls a SmolLM2 token).
+over their rows concatenated (lora.int8.fuse_int8: the same values; 211 -> 121 kernel calls a SmolLM2 token).
 A layer with hooks (a task's update) is called as a module, as before. With each layer's modules read once (Layer),
 1 thread, CPU time, loaded, interleaved with the previous commit: a w8a16 decode step 43.5 -> 36.9 ms.
 
@@ -35,7 +35,7 @@ from torch.nn.modules import module as torch_module
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama as llama
 
-from ..quant import fuse_int8
+from ..int8 import fuse_int8
 from .attention import ATTENTION, SlotAttention
 
 
@@ -46,7 +46,7 @@ class Logits(NamedTuple):
 
 class Int8Group(NamedTuple):
     """Int8Linears that read one input (a layer's q/k/v, its gate/up, or one layer alone) run as one call of the int8
-    kernel (lora.quant.fuse_int8), valid while each is as it was grouped (`intact`)."""
+    kernel (lora.int8.fuse_int8), valid while each is as it was grouped (`intact`)."""
     weight: torch.Tensor
     scale: torch.Tensor
     members: tuple[tuple[Any, int, torch.Tensor], ...]  # each module, its weight's data_ptr, its scale (a view)
@@ -65,7 +65,7 @@ class Int8Group(NamedTuple):
 
 
 def int8_group(*modules: Any) -> Int8Group | None:
-    """The modules as one Int8Group, or None where lora.quant.fuse_int8 cannot make them one."""
+    """The modules as one Int8Group, or None where lora.int8.fuse_int8 cannot make them one."""
     layer = fuse_int8(list(modules))
     if layer is None:
         return None
