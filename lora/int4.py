@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from .errors import LoraError
 from .gguf_layout import layout_of, rope_restore
+from .int8 import stacked_rows
 
 GROUP = 32  # weights per group along the input dimension (Q4_1's block)
 ROWS = 16  # the kernel packs output rows in multiples of 16
@@ -53,6 +54,17 @@ def _packed_order(out_features: int, in_features: int) -> torch.Tensor:
         digits = ((index >> shift) & 15).to(torch.int32)
         order |= _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(digits, 8)).long() << shift
     return order.to(torch.int32)  # kept per shape: half the bytes
+
+
+@functools.lru_cache(maxsize=32)
+def _stackable(rows: tuple[int, ...], in_features: int) -> bool:
+    """Whether layers of these output rows, packed each, stack into the packing of their rows stacked. The kernel
+    packs rows in blocks (of 64 here), so it holds where each layer but the last fills whole blocks; read off the
+    packing itself, as _packed_order is (the blocks may differ between CPUs)."""
+    seeded = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (sum(rows), in_features), dtype=torch.int32, generator=seeded)
+    parts = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(part.contiguous(), 8) for part in probe.split(rows)]
+    return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 8), torch.cat(parts))
 
 
 def q4_1_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,6 +138,33 @@ class Int4Linear(nn.Linear):
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales_and_zeros)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias.to(x.dtype)
+
+
+def fuse_int4(modules: list[nn.Module]) -> Int4Linear | None:
+    """One Int4Linear whose output is `modules`' outputs side by side (layers that read one input: q/k/v, gate/up),
+    or None where they cannot be one (not all bias-free Int4Linears of one input size, or rows the kernel packs
+    across layers' bounds: see _stackable).
+
+    The kernel computes each output row alone, so where the layers' packed rows stacked are the stacked layer's
+    packing every value is bit for bit what each layer gives (checked in tests). The layers' weights
+    become views of its rows (nothing is held twice); its scales and zeros are a copy, since the kernel reads a
+    column slice of them wrongly (it takes them as contiguous), and they are an eighth of the packed bytes.
+    """
+    first: Any = modules[0]
+    if any(type(m) is not Int4Linear or m.bias is not None or m.in_features != first.in_features for m in modules) \
+            or not _stackable(tuple(m.out_features for m in modules), first.in_features):
+        return None
+    layers: list[Any] = modules
+    fused = Int4Linear(first.in_features, sum(m.out_features for m in layers), bias=False)
+    fused.weight = nn.Parameter(stacked_rows([m.weight.data for m in layers]), requires_grad=False)
+    fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1)
+    start = 0
+    for m in layers:  # a layer that holds its rows already (fused before) keeps its tensor
+        rows = slice(start, start + m.out_features)
+        if m.weight.data_ptr() != fused.weight[rows].data_ptr():
+            m.weight.data = fused.weight.data[rows]
+        start = rows.stop
+    return fused.eval()
 
 
 def q4_1_blocks(tensor: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

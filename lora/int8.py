@@ -96,8 +96,8 @@ def fuse_int8(modules: list[nn.Module]) -> Int8Linear | None:
         return None
     layers: list[Any] = modules
     fused = Int8Linear(first.in_features, sum(m.out_features for m in layers), bias=False, device="meta")
-    fused.weight = nn.Parameter(_stacked([m.weight.data for m in layers]), requires_grad=False)
-    fused.scale = _stacked([m.scale for m in layers])
+    fused.weight = nn.Parameter(stacked_rows([m.weight.data for m in layers]), requires_grad=False)
+    fused.scale = stacked_rows([m.scale for m in layers])
     start = 0
     for m in layers:  # a layer that holds its rows already (fused before) keeps its tensors
         rows = slice(start, start + m.out_features)
@@ -109,8 +109,9 @@ def fuse_int8(modules: list[nn.Module]) -> Int8Linear | None:
     return fused.eval()
 
 
-def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    """`parts` concatenated along rows: a view where they already lie so in one storage (fused before), else a copy."""
+def stacked_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`parts` concatenated along rows: a view where they already lie so in one storage (fused before), else a copy
+    (lora.int4.fuse_int4 stacks packed int4 rows with it too)."""
     first, at = parts[0], parts[0].data_ptr()
     for part in parts:
         if not part.is_contiguous() or part.data_ptr() != at or \

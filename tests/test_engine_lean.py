@@ -5,6 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lora
 from lora.engine import Engine, SamplingParams
+from lora.int4 import Int4Linear, fuse_int4
 from lora.int8 import Int8Linear, fuse_int8
 from tests.conftest import make_adapter
 
@@ -62,13 +63,18 @@ def own_forward(run):
         handle.remove()
 
 
-def test_w8a16_engine_steps_give_the_models_own_logits_bit_for_bit_hooks_and_replaced_layers_included(tiny_tokenizer):
-    torch.manual_seed(0)  # an MLP width that is no multiple of 32: silu's vector loop leaves a tail in each row
-    config = LlamaConfig(hidden_size=32, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tiny_tokenizer), initializer_range=0.1)
-    mt = lora.MultiTaskModel(LlamaForCausalLM(config).eval(), tokenizer=tiny_tokenizer, quantize="w8a16")
+# w8a16: an MLP width that is no multiple of 32 (silu's vector loop leaves a tail in each row); w4a16: widths in the
+# int4 kernel's packed blocks of 64 rows, so that q/k/v and gate/up fuse
+@pytest.mark.parametrize("method, layer, replaced_name, hidden, kv_heads, mlp", [
+    ("w8a16", Int8Linear, "down_proj", 32, 2, 112), ("w4a16", Int4Linear, "up_proj", 64, 4, 128)])
+def test_quantized_engine_steps_give_the_models_own_logits_bit_for_bit_hooks_and_replaced_layers_included(
+        tiny_tokenizer, method, layer, replaced_name, hidden, kv_heads, mlp):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, vocab_size=len(tiny_tokenizer), initializer_range=0.1)
+    mt = lora.MultiTaskModel(LlamaForCausalLM(config).eval(), tokenizer=tiny_tokenizer, quantize=method)
     prompts = [mt.tokenizer(f"What colour is the {thing}?")["input_ids"] for thing in ("lamp", "river", "sky")]
-    engine = Engine(mt, max_num_seqs=3, max_prefill_tokens=5)  # q/k/v and gate/up each run as one int8 matmul
+    engine = Engine(mt, max_num_seqs=3, max_prefill_tokens=5)  # q/k/v and gate/up each run as one quantized matmul
 
     def answers():  # three sequences, prompts in chunks: steps of several rows and of one
         return [answer(o) for o in engine.generate(prompts, [None] * 3, GREEDY)]
@@ -82,8 +88,8 @@ def test_w8a16_engine_steps_give_the_models_own_logits_bit_for_bit_hooks_and_rep
     finally:
         handle.remove()
     assert answers() == lean
-    down = layers[1].mlp.down_proj
-    layers[1].mlp.down_proj = Int8Linear.from_linear(torch.nn.Linear(down.in_features, down.out_features, bias=False))
+    old = getattr(layers[1].mlp, replaced_name)
+    setattr(layers[1].mlp, replaced_name, layer.from_linear(torch.nn.Linear(old.in_features, old.out_features, bias=False)))
     replaced = answers()
     assert replaced == own_forward(answers) and replaced != lean
 
@@ -104,3 +110,19 @@ def test_int8_layers_of_one_input_fuse_into_one_bit_for_bit_without_a_second_cop
     assert fuse_int8([odd]) is None
     with torch.no_grad():
         torch.testing.assert_close(odd(x[:, :40]), x[:, :40] @ odd.dense_weight().T, rtol=0.02, atol=0.02)
+
+
+def test_int4_layers_of_one_input_fuse_into_one_bit_for_bit_without_a_second_weight():
+    torch.manual_seed(0)
+    layers = [Int4Linear.from_linear(torch.nn.Linear(64, n, bias=False)) for n in (64, 64, 32)]
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = torch.cat([m(x) for m in layers], -1)
+        fused = fuse_int4(layers)
+        assert fused is not None and torch.equal(fused(x), expected)
+        assert {m.weight.untyped_storage().data_ptr() for m in [fused, *layers]} == {
+            fused.weight.untyped_storage().data_ptr()}  # the layers' packed weights are rows of the fused one
+        assert torch.equal(torch.cat([m(x) for m in layers], -1), expected)
+    assert fuse_int4([layers[0], Int4Linear.from_linear(torch.nn.Linear(64, 16))]) is None  # a bias: not fused
+    assert fuse_int4([layers[0], Int8Linear.from_linear(torch.nn.Linear(64, 16, bias=False))]) is None
+    assert fuse_int4([layers[2], layers[0]]) is None  # 32 rows, then more: the kernel packs blocks of rows across them

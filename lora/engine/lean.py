@@ -15,9 +15,10 @@ cores, torch 2.13: `bench/prepack.py --threads 2 --batch 1` (near idle) 46.4-46.
 1 thread, CPU time, loaded: one sequence 64.0 -> 55.9 ms, 8 sequences 80.4 -> 76.7 ms; the forward's glue
 alone (SmolLM2's layers with tiny matrices) 14.3 -> 8.8 ms a step.
 
-Over a w8a16 base (lora.int8.Int8Linear) the int8 layers are the exception: where a layer has no hooks and no
-replaced forward it runs straight on the int8 kernel, and a layer's q/k/v, and its gate/up, as one matmul each
-over their rows concatenated (lora.int8.fuse_int8: the same values; 211 -> 121 kernel calls a SmolLM2 token).
+Over a w8a16 or w4a16 base (lora.int8.Int8Linear, lora.int4.Int4Linear) the quantized layers are the exception:
+where a layer has no hooks and no replaced forward it runs straight on its kernel, and a layer's q/k/v, and its
+gate/up, as one matmul each over their rows concatenated (lora.int8.fuse_int8, lora.int4.fuse_int4: the same values;
+211 -> 121 kernel calls a SmolLM2 token).
 A layer with hooks (a task's update) is called as a module, as before. With each layer's modules read once (Layer),
 1 thread, CPU time, loaded, interleaved with the previous commit: a w8a16 decode step 43.5 -> 36.9 ms.
 
@@ -35,6 +36,7 @@ from torch.nn.modules import module as torch_module
 from transformers.activations import SiLUActivation
 from transformers.models.llama import modeling_llama as llama
 
+from ..int4 import GROUP, fuse_int4
 from ..int8 import fuse_int8
 from .attention import ATTENTION, SlotAttention
 
@@ -44,32 +46,43 @@ class Logits(NamedTuple):
     logits: torch.Tensor
 
 
-class Int8Group(NamedTuple):
-    """Int8Linears that read one input (a layer's q/k/v, its gate/up, or one layer alone) run as one call of the int8
-    kernel (lora.int8.fuse_int8), valid while each is as it was grouped (`intact`)."""
+class KernelGroup(NamedTuple):
+    """Int8Linears or Int4Linears that read one input (a layer's q/k/v, its gate/up, or one layer alone) run as one
+    call of their kernel (lora.int8.fuse_int8, lora.int4.fuse_int4), valid while each is as it was grouped
+    (`intact`)."""
     weight: torch.Tensor
-    scale: torch.Tensor
-    members: tuple[tuple[Any, int, torch.Tensor], ...]  # each module, its weight's data_ptr, its scale (a view)
+    scale: torch.Tensor  # int8: a scale per row; int4: (in / 32, rows, 2) scales and zeros
+    members: tuple[tuple[Any, int, torch.Tensor], ...]  # each module, its weight's data_ptr, its scale tensor
+    scale_name: str  # "scale" (int8) or "scales_and_zeros" (int4)
 
     def intact(self) -> bool:
-        """No module has hooks or a replaced forward, and each still holds the group's rows as weight and scale.
+        """No module has hooks or a replaced forward, and each still holds the weight and scale it was grouped with.
         (Read from _parameters and _buffers: nn.Module's getattr would cost as much as a small layer's matmul.)"""
         return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and
-                   m._parameters["weight"].data_ptr() == weight and m._buffers["scale"] is scale
+                   m._parameters["weight"].data_ptr() == weight and m._buffers[self.scale_name] is scale
                    for m, weight, scale in self.members)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The modules' outputs side by side in bfloat16: what each Int8Linear computes before casting to x's dtype."""
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scale)
+        """The modules' outputs side by side in bfloat16: what each layer computes before casting to x's dtype."""
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        if self.scale_name == "scale":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.weight, GROUP, self.scale)
         return out.view(*x.shape[:-1], self.weight.shape[0])
 
 
-def int8_group(*modules: Any) -> Int8Group | None:
-    """The modules as one Int8Group, or None where lora.int8.fuse_int8 cannot make them one."""
-    layer = fuse_int8(list(modules))
-    if layer is None:
-        return None
-    return Int8Group(layer.weight, layer.scale, tuple((m, m.weight.data_ptr(), m.scale) for m in modules))
+def kernel_group(*modules: Any) -> KernelGroup | None:
+    """The modules as one KernelGroup, or None where neither lora.int8.fuse_int8 nor lora.int4.fuse_int4 can make
+    them one."""
+    int8 = fuse_int8(list(modules))
+    if int8 is not None:
+        return KernelGroup(int8.weight, int8.scale, tuple((m, m.weight.data_ptr(), m.scale) for m in modules), "scale")
+    int4 = fuse_int4(list(modules))
+    if int4 is not None:
+        return KernelGroup(int4.weight, int4.scales_and_zeros,
+                           tuple((m, m.weight.data_ptr(), m.scales_and_zeros) for m in modules), "scales_and_zeros")
+    return None
 
 
 class Layer(NamedTuple):
@@ -84,10 +97,10 @@ class Layer(NamedTuple):
     gate: Any
     up: Any
     down: Any
-    qkv8: Int8Group | None  # q, k, v as one int8 matmul (None: they are not Int8Linears)
-    o8: Int8Group | None
-    gate_up8: Int8Group | None
-    down8: Int8Group | None
+    qkv_packed: KernelGroup | None  # q, k, v as one int8 or int4 matmul (None: not all Int8Linear or Int4Linear)
+    o_packed: KernelGroup | None
+    gate_up_packed: KernelGroup | None
+    down_packed: KernelGroup | None
 
 
 def _layer(layer: Any) -> Layer:
@@ -95,11 +108,11 @@ def _layer(layer: Any) -> Layer:
     q, k, v, o, gate, up, down = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, \
         mlp.down_proj
     return Layer(layer.input_layernorm, layer.post_attention_layernorm, attn, q, k, v, o, gate, up, down,
-                 int8_group(q, k, v), int8_group(o), int8_group(gate, up), int8_group(down))
+                 kernel_group(q, k, v), kernel_group(o), kernel_group(gate, up), kernel_group(down))
 
 
-def _run(group: Int8Group | None, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x), straight on the int8 kernel where its group is intact (no module call, no reshapes)."""
+def _run(group: KernelGroup | None, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), straight on its kernel where its group is intact (no module call, no reshapes)."""
     if group is None or not group.intact():
         return module(x)
     return group(x).to(x.dtype)
@@ -133,7 +146,7 @@ class LeanForward:
         self._bypassed = lean_modules(model)  # None: not a model this forward knows
         layers: list[Any] = list(model.model.layers) if self._bypassed is not None else []
         self._layers = [_layer(layer) for layer in layers]
-        self._head = int8_group(model.lm_head) if layers else None
+        self._head = kernel_group(model.lm_head) if layers else None
         self._children = [(m, dict(m._modules)) for m in model.modules() if m._modules]
 
     def usable(self) -> bool:
@@ -164,8 +177,8 @@ class LeanForward:
         for layer in self._layers:
             attn = layer.attn
             x = _rms_norm(layer.input_norm, hidden)
-            if layer.qkv8 is not None and layer.qkv8.intact():  # q, k, v side by side: slices, no cat
-                out = layer.qkv8(x).to(x.dtype)  # what each Int8Linear casts its output to
+            if layer.qkv_packed is not None and layer.qkv_packed.intact():  # q, k, v side by side: slices, no cat
+                out = layer.qkv_packed(x).to(x.dtype)  # what each layer casts its output to
                 split = layer.q.out_features + layer.k.out_features
                 qk, v = out[..., :split], out[..., split:]
             else:
@@ -176,16 +189,16 @@ class LeanForward:
             qk = (qk * cos).add_(qk.roll(half, -1).mul_(sin)).transpose(1, 2)
             v = v.view(1, rows, -1, attn.head_dim).transpose(1, 2)
             out, _ = step.attend(attn.layer_idx, qk[:, :heads], qk[:, heads:], v, attn.scaling)
-            hidden = hidden + _run(layer.o8, layer.o, out.reshape(1, rows, -1))
+            hidden = hidden + _run(layer.o_packed, layer.o, out.reshape(1, rows, -1))
             x = _rms_norm(layer.post_norm, hidden)
-            if layer.gate_up8 is not None and layer.gate_up8.intact():
-                out = layer.gate_up8(x).to(x.dtype)
+            if layer.gate_up_packed is not None and layer.gate_up_packed.intact():
+                out = layer.gate_up_packed(x).to(x.dtype)
                 width = layer.gate.out_features
                 # silu of a contiguous copy: on a strided slice its vector and scalar paths split rows differently
                 gate, up = out[..., :width].contiguous(), out[..., width:]
             else:
                 gate, up = layer.gate(x), layer.up(x)
-            hidden = hidden + _run(layer.down8, layer.down, F.silu(gate) * up)
+            hidden = hidden + _run(layer.down_packed, layer.down, F.silu(gate) * up)
         hidden = _rms_norm(model.norm, hidden)[:, keep]
         return _run(self._head, self.model.lm_head, hidden)
 
