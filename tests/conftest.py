@@ -172,3 +172,17 @@ def make_adapter(base_path, folder, targets, seed, r=4):
     for layer in lora.lora_layers(model).values():
         nn.init.normal_(layer.lora_B, std=0.3)
     return lora.save_adapter(model, folder, task={"prompt_format": PROMPT})
+
+
+def fail_first_sample(monkeypatch):
+    """Make the engine's first sampling raise "injected sampler fault" (a step's fault); later ones run as usual."""
+    import lora.engine.sampler
+
+    real, calls = lora.engine.sampler.sample, []
+
+    def flaky(logits, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected sampler fault")
+        return real(logits, batch)
+    monkeypatch.setattr(lora.engine.sampler, "sample", flaky)

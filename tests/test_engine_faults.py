@@ -10,7 +10,7 @@ import torch.nn as nn
 import lora
 import lora.engine.sampler
 from lora.engine import Engine, EngineDead, QueueFull, SamplingParams
-from tests.conftest import PROMPT, THINGS, make_adapter
+from tests.conftest import PROMPT, THINGS, fail_first_sample, make_adapter
 
 GREEDY = SamplingParams(max_tokens=8, min_tokens=8)
 
@@ -59,14 +59,7 @@ def test_extreme_sampling_values_answer_normally(mt, settings):
 
 
 def test_a_fault_in_sampling_fails_that_step_only_and_the_engine_keeps_serving(mt, monkeypatch):
-    real, calls = lora.engine.sampler.sample, []
-
-    def flaky(logits, batch):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected sampler fault")
-        return real(logits, batch)
-    monkeypatch.setattr(lora.engine.sampler, "sample", flaky)
+    fail_first_sample(monkeypatch)
     engine = Engine(mt, max_num_seqs=2)
     engine.start()
     try:

@@ -94,35 +94,31 @@ def test_quantized_engine_steps_give_the_models_own_logits_bit_for_bit_hooks_and
     assert replaced == own_forward(answers) and replaced != lean
 
 
-def test_int8_layers_of_one_input_fuse_into_one_bit_for_bit_without_a_second_copy():
+@pytest.mark.parametrize("layer, fuse, rows", [(Int8Linear, fuse_int8, (64, 32, 32)), (Int4Linear, fuse_int4, (64, 64, 32))])
+def test_quantized_layers_of_one_input_fuse_into_one_bit_for_bit_without_a_second_weight(layer, fuse, rows):
     torch.manual_seed(0)
-    layers = [Int8Linear.from_linear(torch.nn.Linear(64, n, bias=False)) for n in (64, 32, 32)]
+    layers = [layer.from_linear(torch.nn.Linear(64, n, bias=False)) for n in rows]
     x = torch.randn(5, 64)
     with torch.no_grad():
         expected = torch.cat([m(x) for m in layers], -1)
-        fused = fuse_int8(layers)
+        fused = fuse(layers)
         assert fused is not None and torch.equal(fused(x), expected)
         assert {m.weight.untyped_storage().data_ptr() for m in [fused, *layers]} == {
             fused.weight.untyped_storage().data_ptr()}  # the layers' weights are rows of the fused one
         assert torch.equal(torch.cat([m(x) for m in layers], -1), expected)
-    assert fuse_int8([layers[0], Int8Linear.from_linear(torch.nn.Linear(64, 8))]) is None  # a bias: not fused
+    assert fuse([layers[0], layer.from_linear(torch.nn.Linear(64, 16))]) is None  # a bias: not fused
+    other = Int4Linear if layer is Int8Linear else Int8Linear
+    assert fuse([layers[0], other.from_linear(torch.nn.Linear(64, 16, bias=False))]) is None
+
+
+def test_int8_layers_the_kernel_cannot_take_are_not_fused_and_run_de_quantized():
     odd = Int8Linear.from_linear(torch.nn.Linear(40, 8, bias=False))  # the kernel would crash on 40 input features
     assert fuse_int8([odd]) is None
+    x = torch.randn(5, 40)
     with torch.no_grad():
-        torch.testing.assert_close(odd(x[:, :40]), x[:, :40] @ odd.dense_weight().T, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(odd(x), x @ odd.dense_weight().T, rtol=0.02, atol=0.02)
 
 
-def test_int4_layers_of_one_input_fuse_into_one_bit_for_bit_without_a_second_weight():
-    torch.manual_seed(0)
-    layers = [Int4Linear.from_linear(torch.nn.Linear(64, n, bias=False)) for n in (64, 64, 32)]
-    x = torch.randn(5, 64)
-    with torch.no_grad():
-        expected = torch.cat([m(x) for m in layers], -1)
-        fused = fuse_int4(layers)
-        assert fused is not None and torch.equal(fused(x), expected)
-        assert {m.weight.untyped_storage().data_ptr() for m in [fused, *layers]} == {
-            fused.weight.untyped_storage().data_ptr()}  # the layers' packed weights are rows of the fused one
-        assert torch.equal(torch.cat([m(x) for m in layers], -1), expected)
-    assert fuse_int4([layers[0], Int4Linear.from_linear(torch.nn.Linear(64, 16))]) is None  # a bias: not fused
-    assert fuse_int4([layers[0], Int8Linear.from_linear(torch.nn.Linear(64, 16, bias=False))]) is None
-    assert fuse_int4([layers[2], layers[0]]) is None  # 32 rows, then more: the kernel packs blocks of rows across them
+def test_int4_layers_whose_rows_the_kernel_packs_across_are_not_fused():
+    layers = [Int4Linear.from_linear(torch.nn.Linear(64, n, bias=False)) for n in (32, 64)]
+    assert fuse_int4(layers) is None  # 32 rows, then more: the kernel packs blocks of 64 rows across them

@@ -4,8 +4,8 @@ equals the same request alone (float32)."""
 import pytest
 import torch
 
-import lora.engine.sampler
 from lora.engine import Engine, SamplingParams, kv_bytes_per_token
+from tests.conftest import fail_first_sample
 from tests.test_engine import GREEDY, alone, collector, mt, prompt, run_until_done  # noqa: F401 - mt: a fixture
 
 BLOCK = 4
@@ -147,14 +147,7 @@ def test_aborting_the_request_others_wait_for_lets_them_compute_it(mt, head):  #
 
 
 def test_a_failed_prefill_lets_the_requests_that_waited_for_it_compute_it(mt, head, monkeypatch):  # noqa: F811
-    real, calls = lora.engine.sampler.sample, []
-
-    def flaky(logits, batch):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("injected sampler fault")
-        return real(logits, batch)
-    monkeypatch.setattr(lora.engine.sampler, "sample", flaky)
+    fail_first_sample(monkeypatch)
     prompts = [head + prompt(mt, i) for i in range(3)]
     answers = Engine(mt, max_num_seqs=4, block_size=BLOCK).generate(prompts, ["qa"] * 3, GREEDY)
     assert answers[0].finish_reason == "error" and "injected sampler fault" in str(answers[0].error)
