@@ -38,6 +38,9 @@ def test_engine_answers_equal_hugging_face_generate_across_task_switches(request
         assert [answer(o) for o in engine.generate(ids, [task] * 2, GREEDY)] == [hf_answer(mt, i, task) for i in ids]
     mixed = engine.generate(ids, ["qa", "sum"], GREEDY)  # one step, two tasks: each token its own task's update
     assert [answer(o) for o in mixed] == [hf_answer(mt, ids[0], "qa"), hf_answer(mt, ids[1], "sum")]
+    stats = engine.stats()  # a llama's every step ran lean (a silent fallback would only cost speed); gpt2's none
+    lean = stats["steps_total"] if fixture == "tiny_llama" else 0
+    assert stats["steps_total"] > 0 and stats["lean_steps_total"] == lean
 
 
 def test_a_hook_on_a_decoder_layer_runs_in_engine_steps(tiny_llama):
@@ -47,8 +50,10 @@ def test_a_hook_on_a_decoder_layer_runs_in_engine_steps(tiny_llama):
     layer = mt.pretrained_model.model.layers[0]
     handle = layer.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
     try:
-        hooked = Engine(mt, max_num_seqs=1).generate([ids], [None], GREEDY)[0].new_token_ids
+        engine = Engine(mt, max_num_seqs=1)
+        hooked = engine.generate([ids], [None], GREEDY)[0].new_token_ids
         assert hooked == hf_answer(mt, ids, None)[0] != plain
+        assert engine.stats()["lean_steps_total"] == 0  # the model's own forward ran, with the hook
     finally:
         handle.remove()
     assert Engine(mt, max_num_seqs=1).generate([ids], [None], GREEDY)[0].new_token_ids == plain

@@ -199,6 +199,7 @@ class Engine:
                 "prefix_cache_hits": self.cache.prefix_hits, "prefix_cache_usage": self.cache.prefix_usage(),
                 "prepacked_steps_total": self.runner.packed.steps if self.runner.packed is not None else 0,
                 "split_row_steps_total": self.runner.packed.split_steps if self.runner.packed is not None else 0,
+                "lean_steps_total": self.runner.lean.steps,  # see engine.lean
                 "compiled_decode": "off" if compiled is None else compiled.state,  # see engine.compiled
                 "compiled_steps_total": 0 if compiled is None else compiled.steps}
 

@@ -138,6 +138,7 @@ class LeanForward:
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self.steps = 0  # calls computed lean (engine stats' lean_steps_total: a fallback shows as steps not counted)
         self._read()
 
     def _read(self) -> None:
@@ -163,6 +164,7 @@ class LeanForward:
         if not self.usable():
             return self.model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=logits_to_keep,
                               lora_step=lora_step, **kwargs)
+        self.steps += 1
         return Logits(self._forward(input_ids, position_ids, logits_to_keep, lora_step))
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, keep: torch.Tensor,
