@@ -56,11 +56,29 @@ class KernelGroup(NamedTuple):
     scale_name: str  # "scale" (int8) or "scales_and_zeros" (int4)
 
     def intact(self) -> bool:
-        """No module has hooks or a replaced forward, and each still holds the weight and scale it was grouped with.
+        """No module has pre-hooks, hooks taking keyword arguments or a replaced forward, and each still holds the
+        weight and scale it was grouped with; plain forward hooks (a task's update) are run by `outputs`.
         (Read from _parameters and _buffers: nn.Module's getattr would cost as much as a small layer's matmul.)"""
-        return all(not m._forward_hooks and not m._forward_pre_hooks and "forward" not in m.__dict__ and
+        return all(not m._forward_pre_hooks and not m._forward_hooks_with_kwargs and "forward" not in m.__dict__ and
                    m._parameters["weight"].data_ptr() == weight and m._buffers[self.scale_name] is scale
                    for m, weight, scale in self.members)
+
+    def hooked(self) -> bool:
+        """Whether a module has forward hooks (then `outputs` runs them; else the outputs are slices of one call)."""
+        return any(m._forward_hooks for m, _, _ in self.members)
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each module's output as calling it gives it: its rows of one kernel call in x's dtype, then its forward
+        hooks in order, each given (module, (x,), output) and its result kept where not None, as nn.Module does."""
+        out, start, outputs = self(x).to(x.dtype), 0, []
+        for m, _, _ in self.members:
+            rows = out[..., start:start + m.out_features].contiguous()  # a module's own output is contiguous
+            start += m.out_features
+            for hook in m._forward_hooks.values():
+                result = hook(m, (x,), rows)
+                rows = rows if result is None else result
+            outputs.append(rows)
+        return outputs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The modules' outputs side by side in bfloat16: what each layer computes before casting to x's dtype."""
@@ -115,7 +133,7 @@ def _run(group: KernelGroup | None, module: torch.nn.Module, x: torch.Tensor) ->
     """module(x), straight on its kernel where its group is intact (no module call, no reshapes)."""
     if group is None or not group.intact():
         return module(x)
-    return group(x).to(x.dtype)
+    return group.outputs(x)[0] if group.hooked() else group(x).to(x.dtype)
 
 
 def _rms_norm(norm: llama.LlamaRMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +197,10 @@ class LeanForward:
         for layer in self._layers:
             attn = layer.attn
             x = _rms_norm(layer.input_norm, hidden)
-            if layer.qkv_packed is not None and layer.qkv_packed.intact():  # q, k, v side by side: slices, no cat
+            if layer.qkv_packed is not None and layer.qkv_packed.intact() and layer.qkv_packed.hooked():
+                q, k, v = layer.qkv_packed.outputs(x)  # one kernel call, then a task's update on each
+                qk = torch.cat((q, k), -1)
+            elif layer.qkv_packed is not None and layer.qkv_packed.intact():  # q, k, v side by side: no cat
                 out = layer.qkv_packed(x).to(x.dtype)  # what each layer casts its output to
                 split = layer.q.out_features + layer.k.out_features
                 qk, v = out[..., :split], out[..., split:]
@@ -193,7 +214,9 @@ class LeanForward:
             out, _ = step.attend(attn.layer_idx, qk[:, :heads], qk[:, heads:], v, attn.scaling)
             hidden = hidden + _run(layer.o_packed, layer.o, out.reshape(1, rows, -1))
             x = _rms_norm(layer.post_norm, hidden)
-            if layer.gate_up_packed is not None and layer.gate_up_packed.intact():
+            if layer.gate_up_packed is not None and layer.gate_up_packed.intact() and layer.gate_up_packed.hooked():
+                gate, up = layer.gate_up_packed.outputs(x)
+            elif layer.gate_up_packed is not None and layer.gate_up_packed.intact():
                 out = layer.gate_up_packed(x).to(x.dtype)
                 width = layer.gate.out_features
                 # silu of a contiguous copy: on a strided slice its vector and scalar paths split rows differently
