@@ -88,16 +88,17 @@ class Int4Linear(nn.Linear):
 
     scales_and_zeros: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Any = None) -> None:
         if not fits(in_features, out_features):
             raise LoraError(f"the int4 kernel takes in_features in multiples of {GROUP} and out_features in "
                             f"multiples of {ROWS}, not {in_features} x {out_features}; keep this layer float")
         super().__init__(in_features, out_features, bias=False, device="meta")  # no float weight is allocated
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                                   requires_grad=False)
         self.register_buffer("scales_and_zeros",
-                             torch.zeros(in_features // GROUP, out_features, 2, dtype=torch.bfloat16))
+                             torch.zeros(in_features // GROUP, out_features, 2, dtype=torch.bfloat16, device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False)
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
 
     @classmethod
     def from_groups(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -155,9 +156,10 @@ def fuse_int4(modules: list[nn.Module]) -> Int4Linear | None:
             or not _stackable(tuple(m.out_features for m in modules), first.in_features):
         return None
     layers: list[Any] = modules
-    fused = Int4Linear(first.in_features, sum(m.out_features for m in layers), bias=False)
+    fused = Int4Linear(first.in_features, sum(m.out_features for m in layers), bias=False, device="meta")
     fused.weight = nn.Parameter(stacked_rows([m.weight.data for m in layers]), requires_grad=False)
-    fused.scales_and_zeros = torch.cat([m.scales_and_zeros for m in layers], dim=1)
+    fused.scales_and_zeros = first.scales_and_zeros if len(layers) == 1 else \
+        torch.cat([m.scales_and_zeros for m in layers], dim=1)
     start = 0
     for m in layers:  # a layer that holds its rows already (fused before) keeps its tensor
         rows = slice(start, start + m.out_features)

@@ -85,10 +85,12 @@ class SlotCache:
                 self.prefix = None
 
     def reuse(self, request: Request) -> Reuse:
-        """Prompt tokens of a waiting request that the prefix cache holds, and how many more (whole blocks) running
-        requests of its task are prefilling now and will store: those whose blocks are being kept (not scrubbed,
-        not forgotten). Touches nothing: the scheduler asks every step."""
-        if self.prefix is None or request.echo:
+        """Prompt tokens of a waiting request that the prefix cache holds (looked up only as far as the blocks in
+        flight reach: 0 when none are), and how many more (whole blocks) running requests of its task are
+        prefilling now and will store: those whose blocks are being kept (not scrubbed, not forgotten). Touches
+        nothing: the scheduler asks every step, before admitting; with no slot free the request cannot be admitted
+        anyway, so nothing is looked up (a long queue costs no comparisons then)."""
+        if self.prefix is None or request.echo or not self._free:
             return Reuse(0, 0)
         size, tokens, end = self.prefix.block_size, request.prompt[:-1], 0  # the last prompt token always runs
         for slot, other in self._requests.items():
@@ -102,7 +104,7 @@ class SlotCache:
                 end = max(end, blocks)
         if not end:
             return Reuse(0, 0)
-        cached = len(self.prefix.match(request.spec, tokens, touch=False))
+        cached = len(self.prefix.match(request.spec, tokens[:end * size], touch=False))  # more would not change it
         return Reuse(cached * size, max(0, end - cached) * size)
 
     def free(self, request: Request) -> None:
